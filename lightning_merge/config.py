@@ -1,0 +1,268 @@
+"""Typed configuration schemas behind ``conf/``.
+
+The YAML in ``conf/`` is validated against these dataclasses (registered in
+Hydra's ConfigStore by :func:`register_configs`), so a misspelt key fails at
+compose time. Values are checked in ``__post_init__``, which runs when the
+composed config is turned into objects with :func:`to_run_config`; every error
+names the option at fault and what is allowed instead.
+
+This module knows Hydra/OmegaConf only at its two edges (registration and
+conversion); the dataclasses themselves are plain and are what the rest of the
+package consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = [
+    "DemoConf",
+    "CheckpointsConf",
+    "TextSetConf",
+    "DataConf",
+    "ModelConf",
+    "SearchConf",
+    "StrategyConf",
+    "MergeConf",
+    "RunConfig",
+    "register_configs",
+    "to_run_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+
+def _require(cond: bool, option: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config option `{option}`: {msg}")
+
+
+@dataclass
+class DemoConf:
+    """The embedded tiny pretraining trajectory (experiment ``tiny``).
+
+    The corpus is the running Python's standard library; the tokenizer and the
+    model are trained here, offline, and cached under ``cache_dir``.
+    """
+
+    enabled: bool = False
+    steps: int = 800
+    num_checkpoints: int = 10
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    lr_schedule: str = "constant"  # constant (stable phase of WSD) | cosine
+    batch_size: int = 4
+    seq_len: int = 256
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 344
+    heldout_frac: float = 0.05
+    seed: int = 0
+    max_train_bytes: Optional[int] = None  # cap on training text (tests use a smaller corpus)
+
+    def __post_init__(self) -> None:
+        _require(self.lr_schedule in ("constant", "cosine"), "demo.lr_schedule",
+                 f"got {self.lr_schedule!r}; use 'constant' or 'cosine'")
+        _require(self.steps > 0, "demo.steps", f"must be positive, got {self.steps}")
+        _require(2 <= self.num_checkpoints <= self.steps, "demo.num_checkpoints",
+                 f"must be in [2, demo.steps], got {self.num_checkpoints}")
+        _require(0.0 <= self.warmup_frac < 1.0, "demo.warmup_frac", "must be in [0, 1)")
+        _require(0.0 < self.heldout_frac < 0.5, "demo.heldout_frac", "must be in (0, 0.5)")
+        _require(self.hidden_size % self.num_heads == 0, "demo.hidden_size",
+                 "must be divisible by demo.num_heads")
+
+
+@dataclass
+class CheckpointsConf:
+    """Which checkpoints to merge, in training order.
+
+    ``sources`` lists local HF folders (or, with a selector, folders of many
+    checkpoints); ``last`` keeps only the newest N after sorting numerically.
+    """
+
+    sources: list[str] = field(default_factory=list)
+    last: Optional[int] = 2
+
+    def __post_init__(self) -> None:
+        _require(self.last is None or self.last >= 1, "checkpoints.last",
+                 f"must be >= 1 or null, got {self.last}")
+
+
+@dataclass
+class TextSetConf:
+    """A held-out text set, loaded through ``datasets``.
+
+    ``path`` is a local json/jsonl/parquet/txt file (filled in by the demo for
+    experiment ``tiny``). ``num_blocks`` evenly spaced windows of ``block_size``
+    tokens are taken from the packed token stream.
+    """
+
+    path: str = ""
+    text_column: str = "text"
+    block_size: int = 256
+    num_blocks: Optional[int] = 256
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 2, "data.*.block_size", f"must be >= 2, got {self.block_size}")
+        _require(self.num_blocks is None or self.num_blocks >= 1, "data.*.num_blocks",
+                 f"must be >= 1 or null, got {self.num_blocks}")
+
+
+@dataclass
+class DataConf:
+    """Held-out data: the report set, the search subset and out-of-domain sets.
+
+    The search objective is computed on ``search_blocks`` evenly spaced blocks
+    of the held-out set (the paper's small held-out set); every candidate is
+    then reported on the whole ``heldout`` set and on each ``ood`` set.
+    """
+
+    heldout: TextSetConf = field(default_factory=TextSetConf)
+    search_blocks: Optional[int] = 64
+    ood: dict[str, TextSetConf] = field(default_factory=dict)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.search_blocks is None or self.search_blocks >= 1, "data.search_blocks",
+                 f"must be >= 1 or null (use the whole held-out set), got {self.search_blocks}")
+        _require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+
+
+@dataclass
+class ModelConf:
+    """How the model skeleton is built from the first checkpoint's config."""
+
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+                 f"got {self.dtype!r}; use float32, bfloat16 or float16")
+
+
+@dataclass
+class SearchConf:
+    """The merge-weight search.
+
+    ``name``: ``paper`` (Algorithm 1 of arXiv 2403.19390: start at ``alpha``
+    and 1, then Ax's GP proposes), ``random`` or ``grid``. ``space``:
+    ``pairwise`` (``lam`` in ``[alpha, 1]`` on the newest of two checkpoints).
+    """
+
+    name: str = "paper"
+    space: str = "pairwise"
+    alpha: float = 0.3
+    trials: int = 10
+    acquisition: str = "default"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("paper", "random", "grid"), "search.name",
+                 f"got {self.name!r}; use paper, random or grid")
+        _require(self.space in ("pairwise",), "search.space",
+                 f"got {self.space!r}; use pairwise")
+        _require(0.0 <= self.alpha < 1.0, "search.alpha",
+                 f"must be in [0, 1), got {self.alpha}")
+        _require(self.trials >= 2, "search.trials",
+                 f"must be >= 2 (the two initial points), got {self.trials}")
+        _require(self.acquisition in ("default",), "search.acquisition",
+                 f"got {self.acquisition!r}; use default (the BoTorch default, qLogNEI)")
+
+
+@dataclass
+class StrategyConf:
+    """How evaluation is distributed (Lightning strategy)."""
+
+    name: str = "single"
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("single",), "strategy.name", f"got {self.name!r}; use single")
+        _require(self.devices >= 1, "strategy.devices", "must be >= 1")
+
+
+@dataclass
+class MergeConf:
+    """Given weights (``mode=evaluate`` / ``mode=merge``) and the written model."""
+
+    weights: Optional[list[float]] = None
+    write: bool = True
+    out: str = "merged"
+    dtype: Optional[str] = None
+    max_shard_bytes: int = 5 * 1024**3
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``mode``: search | evaluate | merge."""
+
+    experiment: str = "tiny"
+    mode: str = "search"
+    seed: int = 0
+    output_dir: str = "outputs/tiny/paper"
+    cache_dir: str = "~/.cache/lightning_merge"
+    threads: int = 1
+    demo: DemoConf = field(default_factory=DemoConf)
+    checkpoints: CheckpointsConf = field(default_factory=CheckpointsConf)
+    data: DataConf = field(default_factory=DataConf)
+    model: ModelConf = field(default_factory=ModelConf)
+    search: SearchConf = field(default_factory=SearchConf)
+    strategy: StrategyConf = field(default_factory=StrategyConf)
+    merge: MergeConf = field(default_factory=MergeConf)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("search", "evaluate", "merge"), "mode",
+                 f"got {self.mode!r}; use search, evaluate or merge")
+        _require(self.threads >= 0, "threads", "must be >= 0 (0 keeps torch's default)")
+        if self.mode in ("evaluate", "merge"):
+            _require(self.merge.weights is not None, "merge.weights",
+                     f"mode={self.mode} needs weights, e.g. merge.weights=[0.4,0.6]")
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore as ``schema`` (used by config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=RunConfig)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """Turn a composed DictConfig into a checked :class:`RunConfig` (runs ``__post_init__``)."""
+    from omegaconf import OmegaConf
+
+    _check_keys(OmegaConf.to_container(cfg, resolve=False), RunConfig, "")
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, RunConfig):  # pragma: no cover - config.yaml always uses the schema
+        raise ConfigError("the composed config is not a RunConfig; does config.yaml list `schema`?")
+    return obj
+
+
+def _check_keys(node: Any, schema: type, prefix: str) -> None:
+    """Refuse keys the schema does not define (``+foo=1`` would otherwise be dropped silently)."""
+    import dataclasses
+    import typing
+
+    if not isinstance(node, dict) or not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key `{prefix}{key}`; the keys of "
+                              f"`{prefix.rstrip('.') or '<root>'}` are {sorted(names)}")
+        sub = hints[key]
+        args = typing.get_args(sub)
+        if dataclasses.is_dataclass(sub):
+            _check_keys(value, sub, f"{prefix}{key}.")
+        elif typing.get_origin(sub) is dict and args and dataclasses.is_dataclass(args[1]) \
+                and isinstance(value, dict):
+            for k, v in value.items():
+                _check_keys(v, args[1], f"{prefix}{key}.{k}.")

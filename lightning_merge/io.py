@@ -1,0 +1,129 @@
+"""Atomic file and directory publishing, and the append-only JSONL ledger.
+
+Every output of a run is either whole or absent: files are written to a
+temporary sibling and renamed into place (``os.replace`` is atomic on POSIX
+within one filesystem), and directories are built under a temporary name and
+renamed when complete. A reader that sees a path therefore sees all of it,
+which is what lets a requeued job trust whatever it finds in its run
+directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_json",
+    "publishing_dir",
+    "append_jsonl",
+    "read_jsonl",
+    "fsync_dir",
+]
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory entry so a rename inside it survives a power loss."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - some filesystems refuse O_RDONLY on dirs
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Serialise ``obj`` as JSON and publish it atomically at ``path``."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def publishing_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder that is renamed to ``final`` when the block succeeds.
+
+    On an exception the temporary folder is removed and ``final`` is left as it
+    was. With ``overwrite`` an existing ``final`` is replaced only after the new
+    folder is complete (moved aside, renamed in, then deleted), so at every
+    moment ``final`` is either the old whole folder or the new whole folder.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; remove it or allow overwrite")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON object as a line and fsync it before returning.
+
+    A line is written with a single ``write`` call so that a kill leaves at most
+    one torn final line, which :func:`read_jsonl` skips.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=False) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL ledger, ignoring a torn (unterminated, unparsable) last line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out: list[dict] = []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break  # torn tail from a kill mid-write
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}") from None
+    return out

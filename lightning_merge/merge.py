@@ -1,0 +1,218 @@
+"""The merge math: in-place resident merges, and the streaming merged-model writer.
+
+``merged = sum_k w_k * theta_k``. With weights that sum to 1 this is a convex
+(or affine, with negative weights) combination of checkpoints: the paper's
+``lam*theta_t + (1-lam)*theta_{t-1}`` is ``weights=[1-lam, lam]``. Weights that
+do not sum to 1 also scale the parameters (``[0.5, 0.5]`` halves nothing, but
+``[1, 1]`` doubles them); pass ``normalize=True`` to divide by their sum.
+
+Accumulation is in fp32 whatever the storage dtype, and it is done in chunks
+that stay in cache, so the memory traffic is about one read of each source and
+one write of the output (see ``benchmarks/``). Non-float tensors (integer
+buffers) are not averaged: they must be equal in every source.
+
+Pure: nothing here knows about ranks, Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .checkpoints import CheckpointSeries
+from .io import atomic_write_text, publishing_dir
+
+__all__ = ["MergeError", "check_weights", "merge_into", "write_merged"]
+
+_CHUNK = 1 << 16  # elements per accumulation chunk: 256 KiB of fp32, cache resident
+_COPY_FROM_NEWEST = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                     "added_tokens.json", "chat_template.jinja")
+
+
+class MergeError(ValueError):
+    """Bad weights, or a merge that produced non-finite values."""
+
+
+def check_weights(weights: Sequence[float], k: int, normalize: bool = False) -> list[float]:
+    """Validate K finite weights (and normalise them if asked); return them as floats."""
+    w = [float(x) for x in weights]
+    if len(w) != k:
+        raise MergeError(f"got {len(w)} weights for {k} checkpoints; give one weight per checkpoint")
+    if not all(math.isfinite(x) for x in w):
+        raise MergeError(f"weights must be finite, got {w}")
+    if normalize:
+        s = sum(w)
+        if s == 0.0:
+            raise MergeError(f"cannot normalise weights {w}: they sum to 0")
+        w = [x / s for x in w]
+    return w
+
+
+def _merge_one(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: Sequence[float], name: str,
+               scratch: torch.Tensor | None) -> None:
+    """out <- sum_k w_k * srcs[k], accumulated in fp32, chunk by chunk."""
+    if not out.is_floating_point():
+        ref = srcs[0]
+        for k, s in enumerate(srcs[1:], 1):
+            if not torch.equal(ref, s):
+                raise MergeError(f"non-float tensor {name!r} differs between source 0 and source {k}; "
+                                 "integer buffers must be equal across checkpoints")
+        out.copy_(ref)
+        return
+    flat_out = out.view(-1)
+    flats = [s.reshape(-1) for s in srcs]
+    direct = out.dtype == torch.float32 and all(s.dtype == torch.float32 for s in srcs)
+    n = flat_out.numel()
+    for a in range(0, n, _CHUNK):
+        b = min(a + _CHUNK, n)
+        if direct:
+            acc = flat_out[a:b]
+        else:
+            acc = scratch[: b - a]
+        torch.mul(flats[0][a:b], w[0], out=acc)
+        for s, wk in zip(flats[1:], w[1:]):
+            acc.add_(s[a:b], alpha=wk)
+        if not bool(torch.isfinite(acc).all()):
+            raise MergeError(f"merging tensor {name!r} with weights {list(w)} gave non-finite values")
+        if not direct:
+            flat_out[a:b].copy_(acc)
+
+
+@torch.no_grad()
+def merge_into(params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+               sources: Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]],
+               weights: Sequence[float], *, normalize: bool = False) -> None:
+    """Overwrite ``params`` in place with ``sum_k weights[k] * sources[k]``.
+
+    ``params`` is a list (or name->tensor mapping) of output tensors, e.g. a
+    model's parameters; ``sources[k]`` holds checkpoint ``k``'s tensors in the
+    same order (or under the same names). Sources are only read. Weights are
+    used as given unless ``normalize``; see the module docstring for what
+    un-normalised weights mean. Raises :class:`MergeError` on non-finite
+    weights or results; params may then be partly written.
+    """
+    if isinstance(params, Mapping):
+        names = list(params)
+        outs = [params[n] for n in names]
+        srcs = [[s[n] for n in names] if isinstance(s, Mapping) else list(s) for s in sources]
+    else:
+        outs = list(params)
+        names = [f"#{i}" for i in range(len(outs))]
+        srcs = [list(s.values()) if isinstance(s, Mapping) else list(s) for s in sources]
+    w = check_weights(weights, len(srcs), normalize)
+    for k, s in enumerate(srcs):
+        if len(s) != len(outs):
+            raise MergeError(f"source {k} has {len(s)} tensors but there are {len(outs)} params")
+    scratch = None
+    for i, out in enumerate(outs):
+        group = [s[i] for s in srcs]
+        for k, t in enumerate(group):
+            if t.shape != out.shape:
+                raise MergeError(f"tensor {names[i]!r}: source {k} has shape {list(t.shape)}, "
+                                 f"param has {list(out.shape)}")
+        if out.is_floating_point() and scratch is None and not (
+                out.dtype == torch.float32 and all(t.dtype == torch.float32 for t in group)):
+            scratch = torch.empty(_CHUNK, dtype=torch.float32, device=out.device)
+        _merge_one(out, group, w, names[i], scratch)
+
+
+def _shard_plan(series: CheckpointSeries, names: list[str], dtype: torch.dtype | None,
+                max_shard_bytes: int) -> list[list[str]]:
+    """Group tensors into shards of at most ``max_shard_bytes`` (one tensor may exceed it alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    esize = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    for n in names:
+        info = series.newest.tensors[n]
+        nb = info.nbytes if esize is None or not info.dtype.is_floating_point \
+            else math.prod(info.shape) * esize
+        if shards[-1] and size + nb > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nb
+    return shards
+
+
+def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: str | Path, *,
+                 dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3,
+                 normalize: bool = False, metadata: Mapping | None = None,
+                 extra_files: Mapping[str, str] | None = None) -> Path:
+    """Stream the merge of ``series`` with ``weights`` into an HF checkpoint at ``out_dir``.
+
+    Tensors are read, merged and written one at a time, so peak memory is one
+    output shard plus one tensor per source, never K whole checkpoints. Shards
+    are size-capped safetensors files (``model.safetensors`` when one suffices,
+    else ``model-0000i-of-0000N.safetensors`` plus the HF index). ``config.json``
+    and the tokenizer files are copied from the newest source; ``merge.yaml``
+    records the sources, weights and ``metadata`` so the merge can be re-run;
+    ``extra_files`` (name -> text, e.g. a ``README.md`` model card) are added.
+    The folder is built under a temporary name and renamed when complete.
+    """
+    from safetensors.torch import save_file
+
+    w = check_weights(weights, len(series), normalize)
+    out_dir = Path(out_dir)
+    names = series.names
+    shards = _shard_plan(series, names, dtype, max_shard_bytes)
+    need = sum(math.prod(series.newest.tensors[n].shape) * torch.empty((), dtype=dtype or
+               series.newest.tensors[n].dtype).element_size() for n in names)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir.parent).free
+    if free < need * 1.02 + (1 << 20):
+        raise OSError(f"not enough free disk space in {out_dir.parent} to write the merged model: "
+                      f"need {need} bytes, {free} bytes free")
+    total = len(shards)
+    weight_map: dict[str, str] = {}
+    with publishing_dir(out_dir) as tmp:
+        for si, shard in enumerate(shards):
+            fname = "model.safetensors" if total == 1 else f"model-{si + 1:05d}-of-{total:05d}.safetensors"
+            tensors: dict[str, torch.Tensor] = {}
+            for n in shard:
+                info = series.newest.tensors[n]
+                srcs = [ck.read(n) for ck in series.checkpoints]
+                out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+                out = torch.empty(info.shape, dtype=out_dtype)
+                merge_into([out], [[s] for s in srcs], w)
+                tensors[n] = out
+                weight_map[n] = fname
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+        if total > 1:
+            index = {"metadata": {"total_size": need}, "weight_map": weight_map}
+            atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        for fn in _COPY_FROM_NEWEST:
+            src = series.newest.path / fn
+            if src.exists():
+                shutil.copy2(src, tmp / fn)
+        if dtype is not None and (tmp / "config.json").exists():
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+            cfg["dtype"] = cfg["torch_dtype"]
+            atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(tmp / "merge.yaml", _recipe_yaml(series, w, metadata))
+        for fn, text in (extra_files or {}).items():
+            atomic_write_text(tmp / fn, text)
+    return out_dir
+
+
+def _recipe_yaml(series: CheckpointSeries, weights: list[float], metadata: Mapping | None) -> str:
+    """A re-runnable recipe: ``python -m lightning_merge mode=merge`` with these sources and weights."""
+    from omegaconf import OmegaConf
+
+    recipe = {
+        "sources": [str(p.resolve()) for p in series.paths],
+        "weights": [float(x) for x in weights],
+        "command": ("python -m lightning_merge mode=merge checkpoints.last=null "
+                    f"'checkpoints.sources=[{','.join(str(p.resolve()) for p in series.paths)}]' "
+                    f"'merge.weights=[{','.join(repr(float(x)) for x in weights)}]'"),
+    }
+    if metadata:
+        recipe["metadata"] = dict(metadata)
+    return OmegaConf.to_yaml(OmegaConf.create(recipe))

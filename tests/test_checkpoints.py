@@ -1,0 +1,81 @@
+"""Source expansion and the header-only manifest checks: every refusal names file and tensor."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_merge.checkpoints import CheckpointError, CheckpointSeries, expand_sources
+
+
+def test_folder_of_checkpoints_sorts_steps_numerically(tiny_run):
+    paths = expand_sources([tiny_run["ckdir"]])
+    assert [p.name for p in paths] == ["step900", "step1000", "step1100"]
+    assert [p.name for p in expand_sources([tiny_run["ckdir"]], last=2)] == ["step1000", "step1100"]
+
+
+def test_manifest_from_headers(tiny_run):
+    series = CheckpointSeries.from_sources(tiny_run["paths"])
+    assert len(series) == 3
+    info = series.newest.tensors["model.embed_tokens.weight"]
+    assert info.dtype == torch.float32 and info.shape[1] == 32
+    assert series.newest.nbytes == sum(t.numel() * 4 for t in load_file(
+        tiny_run["paths"][2] / "model.safetensors").values())
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_keys_named(tiny_run, tmp_path):
+    bad = _copy(tiny_run["paths"][1], tmp_path / "bad")
+    t = load_file(bad / "model.safetensors")
+    t.pop("model.norm.weight")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"bad: tensor names differ.*model\.norm\.weight"):
+        CheckpointSeries.from_sources([tiny_run["paths"][0], bad])
+
+
+def test_shape_mismatch_named(tiny_run, tmp_path):
+    bad = _copy(tiny_run["paths"][1], tmp_path / "vocab")
+    t = load_file(bad / "model.safetensors")
+    t["model.embed_tokens.weight"] = torch.zeros(t["model.embed_tokens.weight"].shape[0] + 8, 32)
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"vocab: tensor 'model\.embed_tokens\.weight' has shape"):
+        CheckpointSeries.from_sources([tiny_run["paths"][0], bad])
+
+
+def test_truncated_file_named(tiny_run, tmp_path):
+    bad = _copy(tiny_run["paths"][1], tmp_path / "trunc")
+    f = bad / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"trunc/model\.safetensors: truncated: tensor"):
+        CheckpointSeries.from_sources([tiny_run["paths"][0], bad])
+
+
+def test_corrupt_header_named(tmp_path):
+    d = tmp_path / "corrupt"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match=r"corrupt/model\.safetensors: corrupt"):
+        CheckpointSeries.from_sources([d])
+
+
+def test_non_finite_weights_named_when_read(tiny_run, tmp_path):
+    bad = _copy(tiny_run["paths"][1], tmp_path / "nan")
+    t = load_file(bad / "model.safetensors")
+    t["model.norm.weight"][0] = float("nan")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    series = CheckpointSeries.from_sources([tiny_run["paths"][0], bad])
+    with pytest.raises(CheckpointError, match=r"nan/model\.safetensors: tensor 'model\.norm\.weight'.*non-finite"):
+        series.load_resident()
+
+
+def test_missing_source_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
+        CheckpointSeries.from_sources([tmp_path / "nowhere"])
