@@ -1,0 +1,46 @@
+"""``python -m lightning_merge``: the Hydra entry point. It only composes, checks and dispatches."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import ConfigError, register_configs, to_run_config
+
+log = logging.getLogger("lightning_merge")
+
+# conf/ sits next to the package in the source tree (the layout is fixed); an absolute
+# path lets Hydra find it from any working directory.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from .checkpoints import CheckpointError
+    from .data import DataError
+    from .merge import MergeError
+
+    try:
+        run_cfg = to_run_config(cfg)
+        # The run directory is Hydra's: `output_dir` for a single run, one deterministic
+        # subfolder per point for a sweep (-m). Never a timestamp, so a rerun resumes.
+        from hydra.core.hydra_config import HydraConfig
+
+        run_cfg.output_dir = HydraConfig.get().runtime.output_dir
+        from .driver import run
+
+        run(run_cfg)
+    except (ConfigError, CheckpointError, DataError, MergeError) as e:
+        log.error("%s", e)
+        print(f"lightning_merge: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The run: set up once, then the trial loop, then the best merge and the report.
+
+The trial loop is the same on every rank: rank 0 asks the search for weights,
+they are broadcast, every rank merges its resident sources into its own
+parameters in place, every rank evaluates its shard, and the exact sums are
+reduced. Only rank 0 talks to Ax, writes the ledger and publishes outputs.
+Nothing is re-read from disk per trial and the Trainer is built once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoints import CheckpointError, CheckpointSeries
+from .config import RunConfig, TextSetConf
+from .data import evenly_spaced, load_blocks
+from .merge import merge_into, write_merged
+from .search import OBJECTIVE, AxSearch, Ledger, PairwiseSpace
+
+__all__ = ["run", "Stages"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stages:
+    """Wall time of each stage, logged as it ends."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            log.info("stage %s done in %.1fs", name, dt)
+
+
+def _seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
+    """Fill empty sources / data paths from the embedded demo trajectory (experiment tiny)."""
+    need_ckpt = not cfg.checkpoints.sources
+    need_data = cfg.mode != "merge" and not cfg.data.heldout.path
+    if not (need_ckpt or need_data):
+        return cfg
+    if not cfg.demo.enabled:
+        what = "checkpoints.sources" if need_ckpt else "data.heldout.path"
+        raise CheckpointError(f"{what} is empty; give it, or use +experiment=tiny for the embedded demo")
+    from .demo import build_trajectory
+
+    t0 = time.perf_counter()
+    traj = build_trajectory(cfg.demo, cfg.cache_dir, progress=True)
+    if traj.cached:
+        stages.seconds["trajectory (cached)"] = time.perf_counter() - t0
+    else:
+        stages.seconds.update(traj.seconds)
+    ckpts = replace(cfg.checkpoints, sources=[str(p) for p in traj.checkpoints]) if need_ckpt \
+        else cfg.checkpoints
+    data = cfg.data
+    if need_data:
+        held = replace(cfg.data.heldout, path=str(traj.heldout))
+        ood = dict(cfg.data.ood) or {name: replace(held, path=str(p)) for name, p in traj.ood.items()}
+        data = replace(cfg.data, heldout=held, ood=ood)
+    return replace(cfg, checkpoints=ckpts, data=data)
+
+
+class _Merger:
+    """Resident sources bound to the model's tensors: ``apply(weights)`` re-merges in place."""
+
+    def __init__(self, series: CheckpointSeries, model_tensors: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in series.names if n not in model_tensors]
+        if missing:
+            raise CheckpointError(f"{series.newest.path}: tensors {missing[:5]} are not in the model "
+                                  "built from its config.json")
+        self.names = series.names
+        self.targets = [model_tensors[n] for n in self.names]
+        device = self.targets[0].device
+        self.sources = series.load_resident(self.names, device=device)
+
+    def apply(self, weights: list[float]) -> None:
+        merge_into(self.targets, self.sources, weights)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run ``cfg.mode`` (search | evaluate | merge) and return the results dict."""
+    from . import report
+
+    stages = Stages()
+    t_start = time.perf_counter()
+    _seed_everything(cfg.seed, cfg.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _resolve_inputs(cfg, stages)
+
+    with stages("open checkpoints"):
+        series = CheckpointSeries.from_sources(cfg.checkpoints.sources, last=cfg.checkpoints.last)
+    log.info("sources (oldest first): %s", ", ".join(str(p) for p in series.paths))
+
+    if cfg.mode == "merge":
+        with stages("write merged model"):
+            merged = _write(cfg, series, cfg.merge.weights, out, metric={})
+        results = report.results_dict(series, best={"weights": list(cfg.merge.weights)},
+                                      candidates=[], trials=0, merged_dir=merged, stages=stages.seconds)
+        report.write_results(out, results)
+        return results
+
+    if len(series) != 2 and cfg.mode == "search":
+        raise CheckpointError(f"search.space=pairwise merges 2 checkpoints but {len(series)} were given; "
+                              "set checkpoints.last=2")
+
+    with stages("data and model"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        from .evaluate import Evaluator
+
+        tok = AutoTokenizer.from_pretrained(series.newest.path, trust_remote_code=cfg.model.trust_remote_code)
+        report_blocks = load_blocks(cfg.data.heldout, tok, "heldout")
+        search_blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
+        ood_blocks = {name: load_blocks(c, tok, name) for name, c in cfg.data.ood.items()}
+        model = AutoModelForCausalLM.from_pretrained(
+            series.newest.path, dtype=getattr(torch, cfg.model.dtype),
+            trust_remote_code=cfg.model.trust_remote_code)
+        model.eval()
+        evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size)
+        merger = _Merger(series, model.state_dict(keep_vars=True))
+
+    def full_eval(weights: list[float]) -> dict:
+        merger.apply(weights)
+        res = {"heldout_loss": evaluator.evaluate(report_blocks).loss}
+        res["heldout_ppl"] = math.exp(res["heldout_loss"])
+        res["ood_loss"] = {n: evaluator.evaluate(b).loss for n, b in ood_blocks.items()}
+        return res
+
+    if cfg.mode == "evaluate":
+        with stages("evaluate"):
+            best = {"weights": list(cfg.merge.weights), **full_eval(list(cfg.merge.weights))}
+        results = report.results_dict(series, best=best, candidates=[], trials=0, merged_dir=None,
+                                      stages=stages.seconds)
+        if evaluator.is_global_zero:
+            report.write_results(out, results)
+            report.print_summary(results, cfg)
+        return results
+
+    # --- search ---------------------------------------------------------------------------
+    k = len(series)
+    candidates = []
+    with stages("baselines"):
+        for i, p in enumerate(series.paths):
+            w = [1.0 if j == i else 0.0 for j in range(k)]
+            candidates.append({"name": p.name, "kind": "checkpoint", "weights": w, **full_eval(w)})
+        w = [1.0 / k] * k
+        candidates.append({"name": "uniform average", "kind": "baseline", "weights": w, **full_eval(w)})
+
+    space = PairwiseSpace(cfg.search.alpha)
+    search = AxSearch(cfg.search, space, name=f"{cfg.experiment}-{cfg.search.name}") \
+        if evaluator.is_global_zero else None
+    ledger = Ledger.open(out / "trials.jsonl") if evaluator.is_global_zero else None
+    if ledger is not None and ledger.records:
+        log.warning("%s already holds %d trial records from an earlier run; starting a new ledger "
+                    "(resume comes with the search issue)", ledger.path, len(ledger.records))
+        ledger.path.rename(ledger.path.with_suffix(f".jsonl.{int(time.time())}.old"))
+        ledger = Ledger.open(out / "trials.jsonl")
+
+    with stages("search"), report.trial_progress(cfg.search.trials, enabled=evaluator.is_global_zero) as bar:
+        for _ in range(cfg.search.trials):
+            prop = search.ask() if search is not None else None
+            msg = {"index": prop.index, "weights": prop.weights} if prop is not None else None
+            msg = evaluator.broadcast(msg)
+            if ledger is not None:
+                ledger.write({"trial": msg["index"], "status": "running", "weights": msg["weights"],
+                              "params": prop.params, "origin": prop.origin})
+            t0 = time.perf_counter()
+            try:
+                merger.apply(msg["weights"])
+                res = evaluator.evaluate(search_blocks)
+                if not math.isfinite(res.loss):
+                    raise FloatingPointError(f"non-finite held-out loss {res.loss}")
+            except (FloatingPointError, ValueError) as e:
+                if search is not None:
+                    search.fail(msg["index"], str(e))
+                    ledger.write({"trial": msg["index"], "status": "failed", "weights": msg["weights"],
+                                  "reason": str(e), "seconds": time.perf_counter() - t0})
+                    search.save(out / "ax_snapshot.json")
+                continue
+            if search is not None:
+                search.tell(msg["index"], res.loss)
+                rec = ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
+                                    "params": prop.params, "origin": prop.origin, OBJECTIVE: res.loss,
+                                    "tokens": res.tokens, "seconds": time.perf_counter() - t0})
+                search.save(out / "ax_snapshot.json")
+                bar.advance(rec, ledger.best())
+
+    best_rec = evaluator.broadcast(ledger.best() if ledger is not None else None)
+    if best_rec is None:
+        raise RuntimeError("every trial failed; see trials.jsonl for the reasons")
+    with stages("evaluate best"):
+        best = {"weights": best_rec["weights"], "params": best_rec.get("params", {}),
+                "search_loss": best_rec[OBJECTIVE], **full_eval(best_rec["weights"])}
+    candidates.append({"name": "best merge", "kind": "search", **best})
+
+    merged = None
+    if evaluator.is_global_zero and cfg.merge.write:
+        with stages("write merged model"):
+            metric = {"heldout_loss": best["heldout_loss"],
+                      "last_checkpoint_loss": candidates[k - 1]["heldout_loss"]}
+            card = report.model_card(series, best, candidates, cfg)
+            merged = _write(cfg, series, best["weights"], out, metric=metric, card=card)
+    stages.seconds["total"] = time.perf_counter() - t_start
+    results = report.results_dict(series, best=best, candidates=candidates,
+                                  trials=len(ledger.completed()) if ledger else 0,
+                                  merged_dir=merged, stages=stages.seconds)
+    if evaluator.is_global_zero:
+        report.write_results(out, results)
+        report.write_report(out, results, ledger.completed(), cfg)
+        report.print_summary(results, cfg)
+    return results
+
+
+def _write(cfg: RunConfig, series: CheckpointSeries, weights, out: Path, metric: dict,
+           card: str | None = None) -> Path:
+    dtype = getattr(torch, cfg.merge.dtype) if cfg.merge.dtype else None
+    target = Path(cfg.merge.out)
+    target = target if target.is_absolute() else out / target
+    extra = {"README.md": card} if card else None
+    return write_merged(series, list(weights), target, dtype=dtype, max_shard_bytes=cfg.merge.max_shard_bytes,
+                        metadata=metric, extra_files=extra)

@@ -1,0 +1,186 @@
+"""Held-out evaluation with Lightning: exact token-weighted loss on every strategy.
+
+Why sums: the held-out loss is ``sum(token NLL) / sum(tokens)`` over the whole
+set. Averaging per-batch or per-rank means (``self.log(..., sync_dist=True)``,
+``MeanMetric``) is biased whenever batches or ranks hold different numbers of
+tokens, and Lightning's default ``DistributedSampler`` repeats samples to even
+out ranks. So each rank evaluates a disjoint shard of the blocks (padded with
+masked blocks that count zero tokens, so every rank runs the same number of
+steps), accumulates a float64 NLL sum and an int64 token count in a
+torchmetrics metric with ``sum`` states, and the states are all-reduced once
+per evaluation. The result is the same number whatever the world size or the
+batch size.
+
+The ``Trainer`` is built once and reused for every trial; only ``validate`` is
+called per trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchmetrics import Metric
+
+from .config import StrategyConf
+
+__all__ = ["EvalResult", "TokenNLL", "ShardSampler", "CausalLMEval", "Evaluator"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """The exact held-out figures of one evaluation."""
+
+    loss: float      # sum of token NLL / number of predicted tokens
+    nll_sum: float
+    tokens: int
+    seconds: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else float("inf")
+
+
+class TokenNLL(Metric):
+    """Sum of token NLL (float64) and count of predicted tokens (int64), reduced by sum."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.nll += nll.to(torch.float64)
+        self.tokens += tokens.to(torch.int64)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"nll": self.nll, "tokens": self.tokens}
+
+
+class _Blocks(Dataset):
+    """Blocks plus a validity flag; indices past the end are masked padding."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.blocks.shape[0]
+        if i < n:
+            return self.blocks[i], torch.tensor(1, dtype=torch.int64)
+        return self.blocks[0], torch.tensor(0, dtype=torch.int64)
+
+
+class ShardSampler(Sampler[int]):
+    """Gives every block to exactly one rank; pads ranks with masked indices to equal length.
+
+    The rank and world size are read when iteration starts, from
+    ``torch.distributed`` if it is initialised, so one sampler serves a
+    ``Trainer`` whose process group appears only inside ``validate``.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._rank_world()
+        per_rank = -(-self.n // world)
+        return iter(range(rank, per_rank * world, world))
+
+    def __len__(self) -> int:
+        _, world = self._rank_world()
+        return -(-self.n // world)
+
+
+class CausalLMEval(L.LightningModule):
+    """Wraps a causal LM and accumulates exact NLL sums over validation batches."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.metric = TokenNLL()
+        self.result: dict[str, Any] | None = None
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        ids, valid = batch
+        logits = self.model(input_ids=ids).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                              reduction="none").view(ids.shape[0], -1)
+        per_block = nll.to(torch.float64).sum(dim=1)
+        self.metric.update((per_block * valid).sum(), valid.sum() * (ids.shape[1] - 1))
+
+    def on_validation_epoch_end(self) -> None:
+        out = self.metric.compute()  # all-reduce (sum) across ranks, once
+        self.result = {"nll": float(out["nll"]), "tokens": int(out["tokens"])}
+        self.metric.reset()
+
+
+class Evaluator:
+    """One ``Trainer`` for the whole run; ``evaluate(blocks)`` is one exact evaluation."""
+
+    def __init__(self, model: torch.nn.Module, conf: StrategyConf, batch_size: int = 8) -> None:
+        self.module = CausalLMEval(model)
+        self.batch_size = batch_size
+        # Lightning's banner (GPU/TPU available, tips) would repeat on every rank; keep warnings.
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
+        self.trainer = L.Trainer(
+            accelerator=conf.accelerator, devices=conf.devices, num_nodes=conf.num_nodes,
+            strategy="auto", precision=conf.precision, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
+            num_sanity_val_steps=0, inference_mode=True,
+        )
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.trainer.is_global_zero
+
+    def broadcast(self, obj: Any) -> Any:
+        """Send ``obj`` from rank 0 to every rank (identity on one process)."""
+        return self.trainer.strategy.broadcast(obj, src=0)
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and buffers by name, as stored (tied weights appear once)."""
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, t in list(self.module.model.named_parameters()) + list(self.module.model.named_buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out[name] = t
+        return out
+
+    def evaluate(self, blocks: torch.Tensor) -> EvalResult:
+        """Exact held-out loss of the model's current parameters on ``blocks``."""
+        t0 = time.perf_counter()
+        loader = DataLoader(_Blocks(blocks), batch_size=self.batch_size,
+                            sampler=ShardSampler(blocks.shape[0]), num_workers=0)
+        self.module.result = None
+        self.trainer.validate(self.module, dataloaders=loader, verbose=False)
+        res = self.module.result
+        if res is None or res["tokens"] == 0:
+            raise RuntimeError("evaluation produced no tokens; is the held-out set empty?")
+        loss = res["nll"] / res["tokens"]
+        return EvalResult(loss=loss, nll_sum=res["nll"], tokens=res["tokens"],
+                          seconds=time.perf_counter() - t0)
