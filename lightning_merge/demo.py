@@ -1,9 +1,9 @@
 """The embedded default: a tiny, real pretraining trajectory built offline.
 
 Checkpoint merging only shows its effect on a real trajectory: checkpoints
-taken from one run at a constant learning rate sit on the walls of a valley
-that their average lands near the floor of. So instead of shipping weights,
-the demo trains one, in about a minute on one CPU thread:
+taken from one run at a constant learning rate bounce around the walls of a
+valley, and their weighted average lands closer to its floor. So instead of
+shipping weights, the demo trains a model, in about a minute on one CPU thread:
 
 - corpus: the ``.py`` sources of the running Python's standard library
   (about 10 MB, always present, no download), split by file into train and
@@ -40,7 +40,17 @@ import torch
 from .config import DemoConf
 from .io import atomic_write_json, atomic_write_text, publishing_dir
 
-__all__ = ["Trajectory", "build_trajectory", "cache_key", "split_corpus", "checkpoint_steps"]
+__all__ = [
+    "Trajectory",
+    "build_trajectory",
+    "cache_key",
+    "split_corpus",
+    "train_tokenizer",
+    "pack",
+    "checkpoint_steps",
+    "lr_factor",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +104,8 @@ def _sources(root: Path) -> list[Path]:
     found = []
     for folder, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
-        found += [Path(folder) / n for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata")]
+        found += [Path(folder) / n for n in names
+                  if n.endswith(".py") and not n.startswith("_sysconfigdata")]
     return sorted(found)
 
 
@@ -112,10 +123,14 @@ def split_corpus(conf: DemoConf, stdlib: str | Path | None = None) -> dict[str, 
     train: list[Path] = []
     heldout: list[Path] = []
     for path in _sources(root):
-        (heldout if _unit_hash(path.relative_to(root).as_posix()) < conf.heldout_frac else train).append(path)
+        held = _unit_hash(path.relative_to(root).as_posix()) < conf.heldout_frac
+        (heldout if held else train).append(path)
 
     def in_hash_order(paths: list[Path], salt: str) -> list[Path]:
-        return sorted(paths, key=lambda p: hashlib.sha1((salt + p.relative_to(root).as_posix()).encode()).digest())
+        def key(p: Path) -> bytes:
+            return hashlib.sha1((salt + p.relative_to(root).as_posix()).encode()).digest()
+
+        return sorted(paths, key=key)
 
     def take_until(paths: list[Path], budget: int) -> list[Path]:
         out, total = [], 0
@@ -136,7 +151,7 @@ def split_corpus(conf: DemoConf, stdlib: str | Path | None = None) -> dict[str, 
 def _texts(paths: list[Path], cap: int | None = None) -> list[str]:
     """Read files (utf-8, bad bytes replaced), dropping unreadable and blank ones."""
     texts = [t for t in map(_read, paths) if t and t.strip()]
-    if cap is not None:  # the last file may overshoot the byte cap; trim it
+    if cap is not None:  # trim the file that overshoots (chars ~ bytes: the stdlib is ASCII)
         out, total = [], 0
         for t in texts:
             if total >= cap:
@@ -173,7 +188,8 @@ def pack(tokenizer, texts: list[str]) -> torch.Tensor:
     """Tokenize ``texts`` and concatenate them, EOS after each, into one 1-D int64 tensor."""
     eos = [tokenizer.eos_token_id]
     encoded = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    return torch.tensor(list(itertools.chain.from_iterable(e.ids + eos for e in encoded)), dtype=torch.long)
+    ids = itertools.chain.from_iterable(e.ids + eos for e in encoded)
+    return torch.tensor(list(ids), dtype=torch.long)
 
 
 def checkpoint_steps(conf: DemoConf) -> list[int]:

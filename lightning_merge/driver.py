@@ -179,9 +179,11 @@ def run(cfg: RunConfig) -> dict:
         if evaluator.is_global_zero else None
     ledger = Ledger.open(out / "trials.jsonl") if evaluator.is_global_zero else None
     if ledger is not None and ledger.records:
-        log.warning("%s already holds %d trial records from an earlier run; starting a new ledger "
-                    "(resume comes with the search issue)", ledger.path, len(ledger.records))
-        ledger.path.rename(ledger.path.with_suffix(f".jsonl.{int(time.time())}.old"))
+        # Resuming a search is not implemented yet: keep the earlier ledger beside the new one.
+        prev = ledger.path.with_name("trials.prev.jsonl")
+        log.warning("%s holds %d records from an earlier run; moved to %s, starting afresh",
+                    ledger.path, len(ledger.records), prev.name)
+        os.replace(ledger.path, prev)
         ledger = Ledger.open(out / "trials.jsonl")
 
     with stages("search"), report.trial_progress(cfg.search.trials, enabled=evaluator.is_global_zero) as bar:

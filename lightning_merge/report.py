@@ -66,6 +66,8 @@ def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict]) -> str 
     a1.scatter(lams, losses, c=range(len(lams)), cmap="viridis", label="trials (colour = order)", zorder=3)
     for i, (x, y) in enumerate(zip(lams, losses)):
         a1.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ib = min(range(len(losses)), key=losses.__getitem__)
+    a1.scatter([lams[ib]], [losses[ib]], marker="*", s=250, c="red", label=f"best: lam={lams[ib]:.3f}", zorder=4)
     a1.set_xlabel("lam (weight of the newest checkpoint)")
     a1.set_ylabel("held-out loss (search set, nats/token)")
     a1.set_title("Objective against lam")
@@ -75,6 +77,7 @@ def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict]) -> str 
         best.append(min(y, best[-1]) if best else y)
     a2.plot(range(len(best)), best, marker="o", label="best so far")
     a2.plot(range(len(losses)), losses, ls="", marker="x", alpha=0.6, label="trial")
+    a2.xaxis.get_major_locator().set_params(integer=True)
     a2.set_xlabel("trial")
     a2.set_ylabel("held-out loss (search set)")
     a2.set_title("Best so far")
