@@ -1,26 +1,32 @@
-"""Checkpoint sources, the header-only manifest, and lazy tensor reads.
+"""Opening checkpoints in every real format, the manifest, and lazy tensor reads.
 
 A :class:`CheckpointSeries` is an ordered list of checkpoints (oldest first)
 whose tensors have been checked to agree -- same names, shapes and dtypes --
-from the safetensors headers alone, before any tensor data is read. Tensors
-are then read one at a time (:meth:`Checkpoint.read`) or all at once for the
-resident search loop (:meth:`CheckpointSeries.load_resident`).
+before any heavy work. For safetensors (single or sharded) the manifest comes
+from the headers alone. ``pytorch_model.bin`` files (single or sharded) and
+Lightning ``.ckpt`` files are memory-mapped with ``torch.load(weights_only=True)``,
+which refuses pickles holding arbitrary objects: nothing user-supplied is ever
+unpickled. DeepSpeed ZeRO training folders are consolidated with DeepSpeed's
+own ``zero_to_fp32`` (lazily). Tensors are read one at a time
+(:meth:`Checkpoint.read`) or all at once for the resident search loop
+(:meth:`CheckpointSeries.load_resident`).
 
-Pure: nothing here knows about ranks, Lightning or Hydra.
+Finding sources (hub repos, folders of checkpoints, selectors) lives in
+``sources.py``. Pure: nothing here knows about ranks, Lightning or Hydra.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["CheckpointError", "TensorInfo", "Checkpoint", "CheckpointSeries", "expand_sources"]
+__all__ = ["CheckpointError", "TensorInfo", "Checkpoint", "CheckpointSeries", "is_checkpoint"]
 
 # safetensors dtype tags -> torch dtypes (the subset models are saved in).
 _ST_DTYPES = {
@@ -31,6 +37,11 @@ _ST_DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
+_BIN = "pytorch_model.bin"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+_FILE_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+# Wrapper prefixes that training frameworks put in front of the model's own names.
+_WRAPPERS = ("module", "_forward_module", "model", "_orig_mod")
 
 
 class CheckpointError(ValueError):
@@ -87,43 +98,140 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def _is_zero_dir(p: Path) -> bool:
+    """A DeepSpeed ZeRO training folder: a ``latest`` tag file, or ``global_step*`` with model states."""
+    if (p / "latest").is_file():
+        return True
+    return any(p.glob("global_step*/*model_states.pt"))
+
+
+def is_checkpoint(p: Path) -> bool:
+    """True for anything :meth:`Checkpoint.open` can read."""
+    if p.is_file():
+        return p.suffix in _FILE_SUFFIXES
+    return p.is_dir() and (any((p / f).exists() for f in (_SINGLE, _INDEX, _BIN, _BIN_INDEX)) or _is_zero_dir(p))
+
+
+def _torch_load(file: Path) -> dict:
+    """Load a torch pickle with ``weights_only=True`` (memory-mapped when the format allows)."""
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{file}: refused to load: it holds more than tensors ({first}). lightning_merge only loads "
+            "torch files with weights_only=True and never unpickles arbitrary objects; convert it to "
+            "safetensors with code you trust") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated torch file ({str(e).splitlines()[0]})") from None
+
+
+def strip_wrapper_prefix(state: dict, prefix: str | None = None) -> dict:
+    """Remove a training wrapper's prefix (``module.``, ``_forward_module.``, a LightningModule's
+    attribute such as ``model.``) shared by every key. ``prefix`` forces one; ``""`` strips none."""
+    if prefix is None:
+        while state:
+            heads = {k.split(".", 1)[0] for k in state}
+            if len(heads) != 1 or heads.pop() not in _WRAPPERS or any("." not in k for k in state):
+                break
+            state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        return state
+    if prefix:
+        bad = [k for k in state if not k.startswith(prefix)]
+        if bad:
+            raise CheckpointError(f"checkpoints.strip_prefix={prefix!r}: key {bad[0]!r} does not start with it")
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 @dataclass
 class Checkpoint:
-    """One HF-format checkpoint folder and its header-only manifest."""
+    """One checkpoint (HF folder, torch file, or ZeRO folder) and its manifest."""
 
     path: Path
     tensors: dict[str, TensorInfo]
+    config_dir: Path | None = None
+    _reader: Callable[[str], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _handles: dict[Path, object] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
-        """Open a local HF folder with ``model.safetensors`` or a sharded index."""
+    def open(cls, path: str | Path, strip_prefix: str | None = None) -> "Checkpoint":
+        """Open any supported format; raise :class:`CheckpointError` naming the file at fault."""
         path = Path(path).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a checkpoint folder (does not exist or is a file)")
-        index = path / _INDEX
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: unreadable index ({e})") from e
-            tensors: dict[str, TensorInfo] = {}
-            for shard in sorted(set(weight_map.values())):
-                f = path / shard
-                if not f.exists():
-                    raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {path}")
-                tensors.update(read_safetensors_header(f))
-            missing = sorted(set(weight_map) - set(tensors))
-            if missing:
-                raise CheckpointError(f"{index}: tensors {missing[:5]} are in the index but in no shard")
-        elif (path / _SINGLE).exists():
-            tensors = read_safetensors_header(path / _SINGLE)
-        else:
-            raise CheckpointError(f"{path}: no {_SINGLE} or {_INDEX} found "
-                                  f"(found: {sorted(p.name for p in path.iterdir())[:8]})")
+        if not path.exists():
+            raise CheckpointError(f"{path}: does not exist")
+        cfg = path if (path.is_dir() and (path / "config.json").exists()) else None
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return cls._from_safetensors(path, [path], None)
+            state = _torch_load(path)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]  # a Lightning .ckpt
+            return cls._from_state(path, state, None, strip_prefix)
+        if (path / _INDEX).exists():
+            return cls._from_safetensors(path, cls._index_files(path, _INDEX), cfg)
+        if (path / _SINGLE).exists():
+            return cls._from_safetensors(path, [path / _SINGLE], cfg)
+        if (path / _BIN_INDEX).exists() or (path / _BIN).exists():
+            files = cls._index_files(path, _BIN_INDEX) if (path / _BIN_INDEX).exists() else [path / _BIN]
+            state: dict = {}
+            for f in files:
+                state.update(_torch_load(f))
+            return cls._from_state(path, state, cfg, strip_prefix="")
+        if _is_zero_dir(path):
+            return cls._from_zero(path, cfg, strip_prefix)
+        raise CheckpointError(f"{path}: no {_SINGLE}, {_INDEX}, {_BIN} or DeepSpeed ZeRO checkpoint found "
+                              f"(found: {sorted(p.name for p in path.iterdir())[:8]})")
+
+    @staticmethod
+    def _index_files(path: Path, index_name: str) -> list[Path]:
+        index = path / index_name
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, OSError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from e
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).exists():
+                raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {path}")
+            files.append(path / shard)
+        return files
+
+    @classmethod
+    def _from_safetensors(cls, path: Path, files: list[Path], cfg: Path | None) -> "Checkpoint":
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            tensors.update(read_safetensors_header(f))
         if not tensors:
             raise CheckpointError(f"{path}: holds no tensors")
-        return cls(path=path, tensors=tensors)
+        return cls(path=path, tensors=tensors, config_dir=cfg)
+
+    @classmethod
+    def _from_state(cls, path: Path, state: dict, cfg: Path | None, strip_prefix: str | None) -> "Checkpoint":
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if not state:
+            raise CheckpointError(f"{path}: holds no tensors")
+        state = strip_wrapper_prefix(state, strip_prefix)
+        tensors = {k: TensorInfo(k, tuple(v.shape), v.dtype, path) for k, v in state.items()}
+        return cls(path=path, tensors=tensors, config_dir=cfg, _reader=state.__getitem__)
+
+    @classmethod
+    def _from_zero(cls, path: Path, cfg: Path | None, strip_prefix: str | None) -> "Checkpoint":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:  # DeepSpeed's own consolidation; lazy: each tensor is gathered when read
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), lazy_mode=True)
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: unreadable DeepSpeed ZeRO checkpoint ({e})") from e
+        lazy = strip_wrapper_prefix(dict(lazy), strip_prefix)
+        tensors = {k: TensorInfo(k, tuple(v.shape), v.dtype, path) for k, v in lazy.items()}
+        return cls(path=path, tensors=tensors, config_dir=cfg,
+                   _reader=lambda name: lazy[name].contiguous())
 
     @property
     def name(self) -> str:
@@ -134,15 +242,18 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor (lazily opening its shard once) and check it is finite."""
-        from safetensors import safe_open
-
+        """Read one tensor (lazily; shards are opened once) and check it is finite."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(info.file), framework="pt")
-            self._handles[info.file] = handle
-        t = handle.get_tensor(name)
+        if self._reader is not None:
+            t = self._reader(name)
+        else:
+            from safetensors import safe_open
+
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = safe_open(str(info.file), framework="pt")
+                self._handles[info.file] = handle
+            t = handle.get_tensor(name)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{info.file}: tensor {name!r} holds non-finite values (NaN or inf)")
         return t
@@ -151,55 +262,48 @@ class Checkpoint:
         self._handles.clear()
 
 
-def _step_key(p: Path) -> tuple:
-    """Sort key that orders ``step900`` before ``step1000`` (numbers compared as numbers)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name))
-
-
-def _is_checkpoint_dir(p: Path) -> bool:
-    return p.is_dir() and ((p / _SINGLE).exists() or (p / _INDEX).exists())
-
-
-def expand_sources(sources: Iterable[str | Path], last: int | None = None) -> list[Path]:
-    """Resolve the configured sources into checkpoint folders, in training order.
-
-    A source that is itself a checkpoint folder is taken as is; a folder of
-    checkpoint folders expands into its children sorted numerically by step.
-    ``last`` then keeps only the newest N.
-    """
-    out: list[Path] = []
-    for s in sources:
-        p = Path(s).expanduser()
-        if _is_checkpoint_dir(p):
-            out.append(p)
-        elif p.is_dir():
-            kids = sorted((c for c in p.iterdir() if _is_checkpoint_dir(c)), key=_step_key)
-            if not kids:
-                raise CheckpointError(f"checkpoints.sources: {p} holds no checkpoint folders "
-                                      f"(folders with {_SINGLE} or {_INDEX})")
-            out.extend(kids)
-        else:
-            raise CheckpointError(f"checkpoints.sources: {p} does not exist")
-    if last is not None:
-        out = out[-last:]
-    return out
-
-
 @dataclass
 class CheckpointSeries:
-    """Checkpoints in training order (oldest first), checked compatible from headers."""
+    """Checkpoints in training order (oldest first), checked compatible before heavy work.
+
+    ``config_dir`` is the folder whose ``config.json`` (and tokenizer) describe
+    the model: the newest checkpoint that has one, unless given. Tied weights
+    follow that config: with ``tie_word_embeddings`` the ``lm_head.weight``
+    alias is not merged separately (the loaded model re-ties it).
+    """
 
     checkpoints: list[Checkpoint]
+    config_dir: Path | None = None
 
     @classmethod
-    def from_sources(cls, sources: Sequence[str | Path], last: int | None = None) -> "CheckpointSeries":
-        """Open and check sources. Raises :class:`CheckpointError` naming the culprit."""
-        paths = expand_sources(sources, last=last)
-        if not paths:
-            raise CheckpointError("checkpoints.sources: no checkpoints given")
-        series = cls([Checkpoint.open(p) for p in paths])
+    def from_sources(cls, sources: Sequence[str | Path], last: int | None = None, *,
+                     selector=None, strip_prefix: str | None = None, config_dir: str | Path | None = None,
+                     hub_cache: str | None = None) -> "CheckpointSeries":
+        """Resolve, open and check sources (see ``sources.py`` for what a source may be).
+
+        Raises :class:`CheckpointError` naming the checkpoint and tensor at fault.
+        """
+        from .sources import Selector, resolve_sources
+
+        if selector is None:
+            selector = Selector(last=last)
+        paths = resolve_sources(sources, selector, hub_cache=hub_cache)
+        series = cls([Checkpoint.open(p, strip_prefix=strip_prefix) for p in paths])
+        if config_dir is not None:
+            series.config_dir = Path(config_dir).expanduser()
+            if not (series.config_dir / "config.json").exists():
+                raise CheckpointError(f"checkpoints.config_dir: {series.config_dir} has no config.json")
+        else:
+            series.config_dir = next((c.config_dir for c in reversed(series.checkpoints) if c.config_dir), None)
         series.check()
         return series
+
+    @property
+    def model_config(self) -> dict:
+        """The parsed ``config.json`` ({} when no checkpoint carries one)."""
+        if self.config_dir is None:
+            return {}
+        return json.loads((self.config_dir / "config.json").read_text())
 
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -213,12 +317,24 @@ class CheckpointSeries:
         return [c.path for c in self.checkpoints]
 
     @property
+    def tied(self) -> bool:
+        cfg = self.model_config
+        return bool(cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False)))
+
+    @property
     def names(self) -> list[str]:
-        """Tensor names in a stable order (that of the newest checkpoint's manifest)."""
-        return list(self.newest.tensors)
+        """Tensor names to merge, in the newest manifest's order (a tied ``lm_head`` alias left out)."""
+        names = list(self.newest.tensors)
+        if self.tied and "lm_head.weight" in names and len(names) > 1:
+            names.remove("lm_head.weight")
+        return names
 
     def check(self) -> None:
-        """Refuse series whose tensor names, shapes or dtypes disagree (headers only)."""
+        """Refuse series whose tensor names or shapes disagree (from manifests, before any data).
+
+        Float dtypes may differ (a fp32 ZeRO consolidation next to bf16 HF
+        folders): merging accumulates in fp32 and writes the newest's dtype.
+        """
         ref = self.checkpoints[0]
         for ck in self.checkpoints[1:]:
             missing = sorted(set(ref.tensors) - set(ck.tensors))
@@ -233,8 +349,8 @@ class CheckpointSeries:
                 if a.shape != b.shape:
                     raise CheckpointError(f"{ck.path}: tensor {name!r} has shape {list(b.shape)} "
                                           f"but {ref.path} has {list(a.shape)}")
-                if a.dtype != b.dtype:
-                    raise CheckpointError(f"{ck.path}: tensor {name!r} has dtype {b.dtype} "
+                if a.dtype != b.dtype and not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+                    raise CheckpointError(f"{ck.path}: non-float tensor {name!r} has dtype {b.dtype} "
                                           f"but {ref.path} has {a.dtype}")
 
     def load_resident(self, names: Sequence[str] | None = None,

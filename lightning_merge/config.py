@@ -81,16 +81,36 @@ class DemoConf:
 class CheckpointsConf:
     """Which checkpoints to merge, in training order.
 
-    ``sources`` lists local HF folders (or, with a selector, folders of many
-    checkpoints); ``last`` keeps only the newest N after sorting numerically.
+    ``sources``: checkpoint folders or files, folders of checkpoints, or hub
+    repos ``org/name@revision`` (see ``lightning_merge/sources.py``). The
+    selector keys narrow them: ``names`` (explicit), ``steps`` (``[lo, hi]``),
+    ``every`` (every n-th back from the newest), ``last`` (the newest n).
+    ``config_dir`` gives ``config.json`` + tokenizer for formats that lack them
+    (a Lightning ``.ckpt``); ``strip_prefix`` forces the wrapper prefix to strip
+    from ``.ckpt``/ZeRO keys (null: detect ``module.``/``model.``/...).
     """
 
     sources: list[str] = field(default_factory=list)
     last: Optional[int] = 2
+    every: Optional[int] = None
+    steps: Optional[list[int]] = None
+    names: Optional[list[str]] = None
+    config_dir: Optional[str] = None
+    strip_prefix: Optional[str] = None
+    hub_cache: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(self.last is None or self.last >= 1, "checkpoints.last",
                  f"must be >= 1 or null, got {self.last}")
+        _require(self.every is None or self.every >= 1, "checkpoints.every",
+                 f"must be >= 1 or null, got {self.every}")
+        _require(self.steps is None or (len(self.steps) == 2 and self.steps[0] <= self.steps[1]),
+                 "checkpoints.steps", f"must be [lo, hi] with lo <= hi, got {self.steps}")
+
+    def selector(self):
+        from .sources import Selector
+
+        return Selector(names=self.names, steps=self.steps, every=self.every, last=self.last)
 
 
 @dataclass
@@ -191,13 +211,28 @@ class StrategyConf:
 
 @dataclass
 class MergeConf:
-    """Given weights (``mode=evaluate`` / ``mode=merge``) and the written model."""
+    """Given weights (``mode=evaluate`` / ``mode=merge``) and the written model.
+
+    ``recipe``: a ``merge.yaml`` written with an earlier merge; its sources and
+    weights are used (``mode=merge merge.recipe=out/merged/merge.yaml``).
+    ``nonfloat``: ``equal`` (integer buffers must agree) or ``newest``.
+    """
 
     weights: Optional[list[float]] = None
+    recipe: Optional[str] = None
+    normalize: bool = False
+    nonfloat: str = "equal"
     write: bool = True
     out: str = "merged"
     dtype: Optional[str] = None
     max_shard_bytes: int = 5 * 1024**3
+
+    def __post_init__(self) -> None:
+        _require(self.nonfloat in ("equal", "newest"), "merge.nonfloat",
+                 f"got {self.nonfloat!r}; use equal or newest")
+        _require(self.dtype in (None, "float32", "bfloat16", "float16"), "merge.dtype",
+                 f"got {self.dtype!r}; use null (keep), float32, bfloat16 or float16")
+        _require(self.max_shard_bytes >= 1 << 20, "merge.max_shard_bytes", "must be at least 1 MiB")
 
 
 @dataclass
@@ -223,8 +258,9 @@ class RunConfig:
                  f"got {self.mode!r}; use search, evaluate or merge")
         _require(self.threads >= 0, "threads", "must be >= 0 (0 keeps torch's default)")
         if self.mode in ("evaluate", "merge"):
-            _require(self.merge.weights is not None, "merge.weights",
-                     f"mode={self.mode} needs weights, e.g. merge.weights=[0.4,0.6]")
+            _require(self.merge.weights is not None or self.merge.recipe is not None, "merge.weights",
+                     f"mode={self.mode} needs weights, e.g. merge.weights=[0.4,0.6] "
+                     "(or merge.recipe=PATH/merge.yaml)")
 
 
 def register_configs() -> None:

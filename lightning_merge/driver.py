@@ -84,21 +84,61 @@ def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
     return replace(cfg, checkpoints=ckpts, data=data)
 
 
+def _build_model(series: CheckpointSeries, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+    """The model skeleton from ``config.json``, without random init: every trial merges into it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    config = AutoConfig.from_pretrained(series.config_dir, trust_remote_code=trust_remote_code)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def _apply_recipe(cfg: RunConfig) -> RunConfig:
+    """Take sources, weights and merge options from a ``merge.yaml`` written by ``write_merged``."""
+    from omegaconf import OmegaConf
+
+    path = Path(cfg.merge.recipe).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"merge.recipe: {path} does not exist")
+    r = OmegaConf.to_container(OmegaConf.load(path))
+    for key in ("sources", "weights"):
+        if key not in r:
+            raise CheckpointError(f"merge.recipe: {path} has no `{key}`")
+    ckpts = replace(cfg.checkpoints, sources=list(r["sources"]), last=None, every=None, steps=None,
+                    names=None, config_dir=r.get("config_dir"), strip_prefix=r.get("strip_prefix"))
+    merge = replace(cfg.merge, weights=list(r["weights"]), normalize=bool(r.get("normalize", False)),
+                    nonfloat=r.get("nonfloat", "equal"), dtype=r.get("dtype", cfg.merge.dtype))
+    return replace(cfg, checkpoints=ckpts, merge=merge)
+
+
 class _Merger:
     """Resident sources bound to the model's tensors: ``apply(weights)`` re-merges in place."""
 
-    def __init__(self, series: CheckpointSeries, model_tensors: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in series.names if n not in model_tensors]
+    def __init__(self, series: CheckpointSeries, model_tensors: dict[str, torch.Tensor],
+                 nonfloat: str = "equal", normalize: bool = False) -> None:
+        names = series.names
+        missing = [n for n in names if n not in model_tensors]
         if missing:
             raise CheckpointError(f"{series.newest.path}: tensors {missing[:5]} are not in the model "
-                                  "built from its config.json")
-        self.names = series.names
-        self.targets = [model_tensors[n] for n in self.names]
-        device = self.targets[0].device
-        self.sources = series.load_resident(self.names, device=device)
+                                  f"built from {series.config_dir}/config.json")
+        tied = {"lm_head.weight"} if series.tied else set()
+        unfilled = [n for n in model_tensors if n not in set(names) | tied]
+        if unfilled:
+            raise CheckpointError(f"{series.newest.path}: the model expects tensors {unfilled[:5]} "
+                                  "that the checkpoints do not hold")
+        self.names = names
+        self.nonfloat, self.normalize = nonfloat, normalize
+        self.targets = [model_tensors[n] for n in names]
+        self.sources = series.load_resident(names, device=self.targets[0].device)
 
     def apply(self, weights: list[float]) -> None:
-        merge_into(self.targets, self.sources, weights)
+        merge_into(self.targets, self.sources, weights, normalize=self.normalize, nonfloat=self.nonfloat)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -112,8 +152,12 @@ def run(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg = _resolve_inputs(cfg, stages)
 
+    if cfg.merge.recipe:
+        cfg = _apply_recipe(cfg)
     with stages("open checkpoints"):
-        series = CheckpointSeries.from_sources(cfg.checkpoints.sources, last=cfg.checkpoints.last)
+        c = cfg.checkpoints
+        series = CheckpointSeries.from_sources(c.sources, selector=c.selector(), strip_prefix=c.strip_prefix,
+                                               config_dir=c.config_dir, hub_cache=c.hub_cache)
     log.info("sources (oldest first): %s", ", ".join(str(p) for p in series.paths))
 
     if cfg.mode == "merge":
@@ -122,6 +166,7 @@ def run(cfg: RunConfig) -> dict:
         results = report.results_dict(series, best={"weights": list(cfg.merge.weights)},
                                       candidates=[], trials=0, merged_dir=merged, stages=stages.seconds)
         report.write_results(out, results)
+        log.info("merged model written to %s", merged)
         return results
 
     if len(series) != 2 and cfg.mode == "search":
@@ -136,16 +181,20 @@ def run(cfg: RunConfig) -> dict:
 
         from .evaluate import Evaluator
 
-        tok = AutoTokenizer.from_pretrained(series.newest.path, trust_remote_code=cfg.model.trust_remote_code)
+        if series.config_dir is None:
+            raise CheckpointError(f"{series.newest.path}: no config.json beside the checkpoints; "
+                                  "set checkpoints.config_dir to a folder with config.json and tokenizer")
+        trust = cfg.model.trust_remote_code
+        if trust:
+            log.warning("model.trust_remote_code=true: running the modeling code shipped in %s",
+                        series.config_dir)
+        tok = AutoTokenizer.from_pretrained(series.config_dir, trust_remote_code=trust)
         report_blocks = load_blocks(cfg.data.heldout, tok, "heldout")
         search_blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
         ood_blocks = {name: load_blocks(c, tok, name) for name, c in cfg.data.ood.items()}
-        model = AutoModelForCausalLM.from_pretrained(
-            series.newest.path, dtype=getattr(torch, cfg.model.dtype),
-            trust_remote_code=cfg.model.trust_remote_code)
-        model.eval()
+        model = _build_model(series, getattr(torch, cfg.model.dtype), trust)
         evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size)
-        merger = _Merger(series, model.state_dict(keep_vars=True))
+        merger = _Merger(series, model.state_dict(keep_vars=True), cfg.merge.nonfloat, cfg.merge.normalize)
 
     def full_eval(weights: list[float]) -> dict:
         merger.apply(weights)
@@ -248,4 +297,5 @@ def _write(cfg: RunConfig, series: CheckpointSeries, weights, out: Path, metric:
     target = target if target.is_absolute() else out / target
     extra = {"README.md": card} if card else None
     return write_merged(series, list(weights), target, dtype=dtype, max_shard_bytes=cfg.merge.max_shard_bytes,
-                        metadata=metric, extra_files=extra)
+                        normalize=cfg.merge.normalize, nonfloat=cfg.merge.nonfloat, metadata=metric,
+                        extra_files=extra)

@@ -54,17 +54,26 @@ def check_weights(weights: Sequence[float], k: int, normalize: bool = False) -> 
     return w
 
 
+NONFLOAT_POLICIES = ("equal", "newest")
+
+
+def _merge_nonfloat(out: torch.Tensor, srcs: Sequence[torch.Tensor], name: str, policy: str) -> None:
+    """Integer/bool tensors are not averaged: they must agree, or (explicitly) come from the newest."""
+    if policy == "newest":
+        out.copy_(srcs[-1])
+        return
+    ref = srcs[0]
+    for k, s in enumerate(srcs[1:], 1):
+        if not torch.equal(ref, s):
+            raise MergeError(f"non-float tensor {name!r} differs between source 0 and source {k}; "
+                             "integer buffers must be equal across checkpoints (or set "
+                             "merge.nonfloat=newest to take them from the newest checkpoint)")
+    out.copy_(ref)
+
+
 def _merge_one(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: Sequence[float], name: str,
                scratch: torch.Tensor | None) -> None:
-    """out <- sum_k w_k * srcs[k], accumulated in fp32, chunk by chunk."""
-    if not out.is_floating_point():
-        ref = srcs[0]
-        for k, s in enumerate(srcs[1:], 1):
-            if not torch.equal(ref, s):
-                raise MergeError(f"non-float tensor {name!r} differs between source 0 and source {k}; "
-                                 "integer buffers must be equal across checkpoints")
-        out.copy_(ref)
-        return
+    """out <- sum_k w_k * srcs[k] for a float tensor, accumulated in fp32, chunk by chunk."""
     flat_out = out.view(-1)
     flats = [s.reshape(-1) for s in srcs]
     direct = out.dtype == torch.float32 and all(s.dtype == torch.float32 for s in srcs)
@@ -87,16 +96,20 @@ def _merge_one(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: Sequence[floa
 @torch.no_grad()
 def merge_into(params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                sources: Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]],
-               weights: Sequence[float], *, normalize: bool = False) -> None:
+               weights: Sequence[float], *, normalize: bool = False, nonfloat: str = "equal") -> None:
     """Overwrite ``params`` in place with ``sum_k weights[k] * sources[k]``.
 
     ``params`` is a list (or name->tensor mapping) of output tensors, e.g. a
     model's parameters; ``sources[k]`` holds checkpoint ``k``'s tensors in the
     same order (or under the same names). Sources are only read. Weights are
     used as given unless ``normalize``; see the module docstring for what
-    un-normalised weights mean. Raises :class:`MergeError` on non-finite
-    weights or results; params may then be partly written.
+    un-normalised weights mean. Non-float tensors follow ``nonfloat``:
+    ``"equal"`` (they must agree in every source) or ``"newest"`` (copied from
+    the last source). Raises :class:`MergeError` on non-finite weights or
+    results; params may then be partly written.
     """
+    if nonfloat not in NONFLOAT_POLICIES:
+        raise MergeError(f"nonfloat policy {nonfloat!r}: use one of {NONFLOAT_POLICIES}")
     if isinstance(params, Mapping):
         names = list(params)
         outs = [params[n] for n in names]
@@ -119,7 +132,10 @@ def merge_into(params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
         if out.is_floating_point() and scratch is None and not (
                 out.dtype == torch.float32 and all(t.dtype == torch.float32 for t in group)):
             scratch = torch.empty(_CHUNK, dtype=torch.float32, device=out.device)
-        _merge_one(out, group, w, names[i], scratch)
+        if out.is_floating_point():
+            _merge_one(out, group, w, names[i], scratch)
+        else:
+            _merge_nonfloat(out, group, names[i], nonfloat)
 
 
 def _shard_plan(series: CheckpointSeries, names: list[str], dtype: torch.dtype | None,
@@ -142,7 +158,7 @@ def _shard_plan(series: CheckpointSeries, names: list[str], dtype: torch.dtype |
 
 def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: str | Path, *,
                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3,
-                 normalize: bool = False, metadata: Mapping | None = None,
+                 normalize: bool = False, nonfloat: str = "equal", metadata: Mapping | None = None,
                  extra_files: Mapping[str, str] | None = None) -> Path:
     """Stream the merge of ``series`` with ``weights`` into an HF checkpoint at ``out_dir``.
 
@@ -179,7 +195,7 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
                 srcs = [ck.read(n) for ck in series.checkpoints]
                 out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
                 out = torch.empty(info.shape, dtype=out_dtype)
-                merge_into([out], [[s] for s in srcs], w)
+                merge_into({n: out}, [{n: s} for s in srcs], w, nonfloat=nonfloat)
                 tensors[n] = out
                 weight_map[n] = fname
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
@@ -188,31 +204,33 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
             index = {"metadata": {"total_size": need}, "weight_map": weight_map}
             atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         for fn in _COPY_FROM_NEWEST:
-            src = series.newest.path / fn
-            if src.exists():
+            src = series.config_dir / fn if series.config_dir is not None else None
+            if src is not None and src.exists():
                 shutil.copy2(src, tmp / fn)
         if dtype is not None and (tmp / "config.json").exists():
             cfg = json.loads((tmp / "config.json").read_text())
             cfg["torch_dtype"] = str(dtype).replace("torch.", "")
             cfg["dtype"] = cfg["torch_dtype"]
             atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
-        atomic_write_text(tmp / "merge.yaml", _recipe_yaml(series, w, metadata))
+        atomic_write_text(tmp / "merge.yaml", _recipe_yaml(series, w, normalize, nonfloat, dtype, metadata))
         for fn, text in (extra_files or {}).items():
             atomic_write_text(tmp / fn, text)
     return out_dir
 
 
-def _recipe_yaml(series: CheckpointSeries, weights: list[float], metadata: Mapping | None) -> str:
-    """A re-runnable recipe: ``python -m lightning_merge mode=merge`` with these sources and weights."""
+def _recipe_yaml(series: CheckpointSeries, weights: list[float], normalize: bool, nonfloat: str,
+                 dtype: torch.dtype | None, metadata: Mapping | None) -> str:
+    """A re-runnable recipe: ``python -m lightning_merge mode=merge merge.recipe=.../merge.yaml``."""
     from omegaconf import OmegaConf
 
     recipe = {
         "sources": [str(p.resolve()) for p in series.paths],
         "weights": [float(x) for x in weights],
-        "command": ("python -m lightning_merge mode=merge checkpoints.last=null "
-                    f"'checkpoints.sources=[{','.join(str(p.resolve()) for p in series.paths)}]' "
-                    f"'merge.weights=[{','.join(repr(float(x)) for x in weights)}]'"),
+        "config_dir": str(series.config_dir.resolve()) if series.config_dir else None,
+        "normalize": normalize,
+        "nonfloat": nonfloat,
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "metadata": dict(metadata or {}),
+        "reproduce": "python -m lightning_merge mode=merge merge.recipe=PATH/TO/merge.yaml output_dir=OUT",
     }
-    if metadata:
-        recipe["metadata"] = dict(metadata)
     return OmegaConf.to_yaml(OmegaConf.create(recipe))

@@ -8,13 +8,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_merge.checkpoints import CheckpointError, CheckpointSeries, expand_sources
+from lightning_merge.checkpoints import CheckpointError, CheckpointSeries
+from lightning_merge.sources import Selector, resolve_sources
 
 
 def test_folder_of_checkpoints_sorts_steps_numerically(tiny_run):
-    paths = expand_sources([tiny_run["ckdir"]])
+    paths = resolve_sources([tiny_run["ckdir"]])
     assert [p.name for p in paths] == ["step900", "step1000", "step1100"]
-    assert [p.name for p in expand_sources([tiny_run["ckdir"]], last=2)] == ["step1000", "step1100"]
+    assert [p.name for p in resolve_sources([tiny_run["ckdir"]], Selector(last=2))] == ["step1000", "step1100"]
+
+
+def test_selectors(tiny_run):
+    names = lambda sel: [p.name for p in resolve_sources([tiny_run["ckdir"]], sel)]  # noqa: E731
+    assert names(Selector(every=2)) == ["step900", "step1100"]  # counted back from the newest
+    assert names(Selector(steps=[950, 1100])) == ["step1000", "step1100"]
+    assert names(Selector(names=["step1100", "step900"])) == ["step900", "step1100"]  # training order
+    with pytest.raises(CheckpointError, match=r"checkpoints.names: \['step5'\] not found"):
+        names(Selector(names=["step5"]))
 
 
 def test_manifest_from_headers(tiny_run):

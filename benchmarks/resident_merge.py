@@ -1,0 +1,135 @@
+"""Resident re-merge bandwidth: ``merge_into`` against a same-size copy, in one run.
+
+What it measures. Each search trial re-merges K resident source checkpoints into
+the model's parameters with ``lightning_merge.merge.merge_into``. That is a
+memory-bound stream: read K sources, write one output. We time it on a
+Llama-like list of tensors (a few big matrices per layer, many small norm
+vectors, ~207M elements by default) and report its effective bandwidth
+``(K+1) * bytes / time`` next to that of a plain copy of the same tensors,
+``2 * bytes / time`` (``torch._foreach_copy_``), measured in the same run,
+interleaved repeat by repeat so that machine noise hits both alike.
+
+Goal: ratio >= 0.8, i.e. the merge moves bytes at least 80% as fast as the
+cheapest possible pass over the same memory, with 1 and with 2 threads, for
+fp32 and for bf16 (bf16 storage, fp32 accumulation).
+
+    python benchmarks/resident_merge.py                      # the full run (~4 GB RAM)
+    python benchmarks/resident_merge.py --layers 2 --vocab 4000 --repeats 3   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from lightning_merge.merge import merge_into
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def llama_shapes(hidden: int, intermediate: int, kv_hidden: int, vocab: int,
+                 layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of a Llama (GQA, untied embeddings) in state-dict order."""
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (hidden, hidden)),
+                (p + "self_attn.k_proj.weight", (kv_hidden, hidden)),
+                (p + "self_attn.v_proj.weight", (kv_hidden, hidden)),
+                (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+                (p + "mlp.up_proj.weight", (intermediate, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, intermediate)),
+                (p + "input_layernorm.weight", (hidden,)),
+                (p + "post_attention_layernorm.weight", (hidden,))]
+    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return out
+
+
+def _median_pair(f_base, f_test, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of two callables, run alternately so that noise hits both."""
+    for _ in range(warmup):
+        f_base()
+        f_test()
+    tb, tt = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f_base()
+        tb.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f_test()
+        tt.append(time.perf_counter() - t)
+    return statistics.median(tb), statistics.median(tt)
+
+
+def _check(params, sources, weights) -> float:
+    """Max relative error of the merge against a float64 reference, on a few tensors."""
+    err = 0.0
+    for i in (0, 1, len(params) - 2):  # embedding, a projection, the final norm
+        ref = sum(w * s[i].double() for w, s in zip(weights, sources))
+        d = (params[i].double() - ref).abs().max().item()
+        err = max(err, d / max(ref.abs().max().item(), 1e-30))
+    return err
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--kv-hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--layers", type=int, default=12, help="12 gives ~207M parameters")
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4], help="numbers of sources")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--goal", type=float, default=0.8)
+    args = ap.parse_args(argv)
+
+    shapes = llama_shapes(args.hidden, args.intermediate, args.kv_hidden, args.vocab, args.layers)
+    numel = sum(torch.Size(s).numel() for _, s in shapes)
+    small = sum(1 for _, s in shapes if len(s) == 1)
+    print(f"{len(shapes)} tensors ({small} norm vectors), {numel / 1e6:.1f}M parameters; "
+          f"torch {torch.__version__}, median of {args.repeats} (after {args.warmup} warm-up)")
+    weight_sets = {k: [(j + 1) / (k * (k + 1) / 2) for j in range(k)] for k in args.ks}  # sum to 1
+
+    rows = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        g = torch.Generator().manual_seed(0)
+        sources = [[torch.randn(s, generator=g).to(dtype) for _, s in shapes] for _ in range(max(args.ks))]
+        params = [torch.empty(s, dtype=dtype) for _, s in shapes]
+        nbytes = numel * params[0].element_size()
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for k in args.ks:
+                srcs, w = sources[:k], weight_sets[k]
+                t_copy, t_merge = _median_pair(lambda: torch._foreach_copy_(params, srcs[0]),
+                                               lambda: merge_into(params, srcs, w),
+                                               args.warmup, args.repeats)
+                err = _check(params, srcs, w)
+                bw_copy, bw_merge = 2 * nbytes / t_copy, (k + 1) * nbytes / t_merge
+                rows.append((dname, threads, k, t_copy * 1e3, bw_copy / 1e9, t_merge * 1e3,
+                             bw_merge / 1e9, bw_merge / bw_copy, err))
+        del sources, params
+        gc.collect()
+
+    head = ("dtype", "threads", "K", "copy ms", "copy GB/s", "merge ms", "merge GB/s", "ratio",
+            f">= {args.goal}", "rel err")
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for d, th, k, tc, bc, tm, bm, r, e in rows:
+        print(f"| {d} | {th} | {k} | {tc:.1f} | {bc:.1f} | {tm:.1f} | {bm:.1f} | {r:.2f} | "
+              f"{'yes' if r >= args.goal else 'NO'} | {e:.1e} |")
+    print("\nratio = merge GB/s / copy GB/s; merge GB/s = (K+1)*bytes/time, copy GB/s = 2*bytes/time "
+          "(torch._foreach_copy_ of the same tensors, timed alternately with the merge).")
+
+
+if __name__ == "__main__":
+    main()
