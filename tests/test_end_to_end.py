@@ -125,6 +125,17 @@ def test_evaluate_and_merge_modes_reuse_the_cached_trajectory(e2e, tmp_path):
         torch.testing.assert_close(got[n], 0.25 * a[n] + 0.75 * b[n], rtol=1e-6, atol=1e-6)
 
 
+def test_rerunning_merge_yaml_reproduces_the_model(e2e, tmp_path):
+    merged = Path(e2e["results"]["merged_dir"])
+    proc = run_cli("mode=merge", f"merge.recipe={merged / 'merge.yaml'}", f"output_dir={tmp_path / 'again'}",
+                   cwd=e2e["root"], cache=e2e["cache"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = load_file(tmp_path / "again" / "merged" / "model.safetensors")
+    first = load_file(merged / "model.safetensors")
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[n], first[n]) for n in first)
+
+
 def test_bad_option_fails_fast_with_its_name(tmp_path):
     proc = run_cli("search.alpha=1.5", cwd=tmp_path, cache=tmp_path / "cache")
     assert proc.returncode != 0
