@@ -196,17 +196,29 @@ class SearchConf:
 
 @dataclass
 class StrategyConf:
-    """How evaluation is distributed (Lightning strategy)."""
+    """How evaluation is distributed (Lightning strategy).
+
+    ``single``: one process (CPU or one GPU). ``ddp``: ``devices`` x
+    ``num_nodes`` processes, each holding a whole model and evaluating its own
+    blocks (gloo on CPU, NCCL on GPU). ``timeout_s`` bounds collectives so a
+    lost rank fails the job instead of hanging it.
+    """
 
     name: str = "single"
     accelerator: str = "cpu"
     devices: int = 1
     num_nodes: int = 1
     precision: str = "32-true"
+    timeout_s: int = 1800
 
     def __post_init__(self) -> None:
-        _require(self.name in ("single",), "strategy.name", f"got {self.name!r}; use single")
+        _require(self.name in ("single", "ddp"), "strategy.name", f"got {self.name!r}; use single or ddp")
         _require(self.devices >= 1, "strategy.devices", "must be >= 1")
+        _require(self.num_nodes >= 1, "strategy.num_nodes", "must be >= 1")
+        _require(self.name != "single" or (self.devices == 1 and self.num_nodes == 1), "strategy.devices",
+                 "strategy=single runs one process; use strategy=ddp for several devices or nodes")
+        _require(self.accelerator in ("cpu", "gpu", "cuda", "auto"), "strategy.accelerator",
+                 f"got {self.accelerator!r}; use cpu, gpu or auto")
 
 
 @dataclass

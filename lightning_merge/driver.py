@@ -50,6 +50,14 @@ class Stages:
             log.info("stage %s done in %.1fs", name, dt)
 
 
+def launched_rank() -> int:
+    """This process's global rank as set by the launcher (0 before any launch)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK", 0)) * 1000 + int(os.environ.get("LOCAL_RANK", 0))
+
+
 def _seed_everything(seed: int, threads: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -145,6 +153,8 @@ def run(cfg: RunConfig) -> dict:
     """Run ``cfg.mode`` (search | evaluate | merge) and return the results dict."""
     from . import report
 
+    if launched_rank() != 0:  # one voice: only rank 0 logs progress
+        logging.getLogger("lightning_merge").setLevel(logging.WARNING)
     stages = Stages()
     t_start = time.perf_counter()
     _seed_everything(cfg.seed, cfg.threads)

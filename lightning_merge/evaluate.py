@@ -135,6 +135,18 @@ class CausalLMEval(L.LightningModule):
         self.metric.reset()
 
 
+def lightning_strategy(conf: StrategyConf):
+    """The Lightning strategy object for ``strategy.name``."""
+    if conf.name == "single":
+        return "auto"
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    backend = "gloo" if conf.accelerator == "cpu" else None  # None: NCCL on GPUs
+    return DDPStrategy(process_group_backend=backend, timeout=timedelta(seconds=conf.timeout_s))
+
+
 class Evaluator:
     """One ``Trainer`` for the whole run; ``evaluate(blocks)`` is one exact evaluation."""
 
@@ -148,7 +160,7 @@ class Evaluator:
         warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
         self.trainer = L.Trainer(
             accelerator=conf.accelerator, devices=conf.devices, num_nodes=conf.num_nodes,
-            strategy="auto", precision=conf.precision, logger=False, enable_checkpointing=False,
+            strategy=lightning_strategy(conf), precision=conf.precision, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
             num_sanity_val_steps=0, inference_mode=True,
         )
