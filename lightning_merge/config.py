@@ -117,20 +117,36 @@ class CheckpointsConf:
 class TextSetConf:
     """A held-out text set, loaded through ``datasets``.
 
-    ``path`` is a local json/jsonl/parquet/txt file (filled in by the demo for
-    experiment ``tiny``). ``num_blocks`` evenly spaced windows of ``block_size``
-    tokens are taken from the packed token stream.
+    Either ``path``, a local json/jsonl/parquet/txt file (filled in by the demo
+    for experiment ``tiny``), or ``name`` (+ ``config_name``), a hub dataset
+    read from the ``datasets`` cache (offline once cached); ``split`` picks the
+    split. The size knobs (the paper's held-out-size ablation): ``max_documents``
+    (a seeded subset of documents) and ``max_tokens`` (a seeded subset of
+    documents up to that token budget); then ``num_blocks`` evenly spaced
+    windows of ``block_size`` tokens are kept from the packed stream.
     """
 
     path: str = ""
+    name: Optional[str] = None
+    config_name: Optional[str] = None
+    split: str = "train"
     text_column: str = "text"
     block_size: int = 256
     num_blocks: Optional[int] = 256
+    max_tokens: Optional[int] = None
+    max_documents: Optional[int] = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 2, "data.*.block_size", f"must be >= 2, got {self.block_size}")
         _require(self.num_blocks is None or self.num_blocks >= 1, "data.*.num_blocks",
                  f"must be >= 1 or null, got {self.num_blocks}")
+        _require(self.max_tokens is None or self.max_tokens >= self.block_size, "data.*.max_tokens",
+                 f"must be >= block_size ({self.block_size}) or null, got {self.max_tokens}")
+        _require(self.max_documents is None or self.max_documents >= 1, "data.*.max_documents",
+                 f"must be >= 1 or null, got {self.max_documents}")
+        _require(not (self.path and self.name), "data.*.path",
+                 "give either a local `path` or a hub dataset `name`, not both")
 
 
 @dataclass

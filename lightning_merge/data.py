@@ -1,4 +1,4 @@
-"""Held-out text: loading through ``datasets``, tokenizing, packing into blocks.
+"""Held-out text: loading through ``datasets``, tokenizing, packing into blocks, caching.
 
 A held-out set is a stream of documents, tokenized with the checkpoint's own
 tokenizer and concatenated with EOS between documents, then cut into
@@ -7,12 +7,21 @@ non-overlapping blocks of ``block_size`` tokens (no padding inside a block).
 whole stream. Each block predicts ``block_size - 1`` tokens; the loss of a set
 is the sum of their NLL over their count (see ``evaluate.py``).
 
+Tokenized blocks are cached under ``cache_dir/blocks/`` keyed on the dataset's
+fingerprint, the tokenizer and every option that shapes the blocks, so a
+second run (or the other ranks of this one) does not tokenize again.
+
 Knows nothing of ranks: sharding across ranks is the sampler's job.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -20,47 +29,87 @@ import torch
 
 from .config import TextSetConf
 
-__all__ = ["DataError", "load_texts", "pack_blocks", "evenly_spaced", "load_blocks"]
+__all__ = ["DataError", "load_dataset_split", "load_texts", "pack_blocks", "evenly_spaced", "load_blocks"]
 
 log = logging.getLogger(__name__)
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
+             ".csv": "csv"}
+_FORMAT = 1  # bump when the block layout changes, to invalidate caches
 
 
 class DataError(ValueError):
     """A held-out set is missing, empty, too short or lacks its text column."""
 
 
-def load_texts(path: str | Path, text_column: str = "text") -> list[str]:
-    """Load the documents of a local json/jsonl/parquet/txt file through ``datasets``."""
+def load_dataset_split(path: str = "", name: str | None = None, config_name: str | None = None,
+                       split: str = "train", what: str = "data.heldout"):
+    """A ``datasets.Dataset`` from a local file or a hub dataset (offline from its cache)."""
     import datasets
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"held-out file {path} does not exist")
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}")
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    if path:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise DataError(f"{what}.path: {p} does not exist")
+        builder = _BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise DataError(f"{what}.path: {p} has unsupported type {p.suffix!r}; use one of {sorted(_BUILDERS)}")
+        if split != "train":
+            raise DataError(f"{what}.split={split!r}: a local file has only the split 'train'")
+        return datasets.load_dataset(builder, data_files=str(p), split="train")
+    if not name:
+        raise DataError(f"{what}: give a local `path` or a hub dataset `name`")
+    try:
+        return datasets.load_dataset(name, config_name, split=split)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise DataError(f"{what}.split={split!r} is not a split of {name} ({config_name}): {e}") from None
+        raise DataError(f"{what}: cannot load {name} ({config_name}): {e}") from None
+    except (ConnectionError, FileNotFoundError, OSError) as e:
+        raise DataError(f"{what}: dataset {name} ({config_name}, split {split}) is not in the datasets "
+                        f"cache and the hub cannot be reached ({type(e).__name__}: {e})") from None
+
+
+def load_texts(path: str | Path, text_column: str = "text") -> list[str]:
+    """The non-empty documents of a local json/jsonl/parquet/txt file."""
+    return _texts(load_dataset_split(str(path)), text_column, str(path))
+
+
+def _texts(ds, text_column: str, where: str) -> list[str]:
     if text_column not in ds.column_names:
-        raise DataError(f"{path}: no column {text_column!r}; the columns are {ds.column_names} "
+        raise DataError(f"{where}: no column {text_column!r}; the columns are {ds.column_names} "
                         "(set data.*.text_column)")
     texts = [t for t in ds[text_column] if t]
     if not texts:
-        raise DataError(f"{path}: the set is empty (0 non-empty documents in column {text_column!r})")
+        raise DataError(f"{where}: the set is empty (0 non-empty documents in column {text_column!r})")
     return texts
+
+
+def _tokenize(texts: Sequence[str], tokenizer) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _join(docs: Sequence[Sequence[int]], eos: int) -> list[int]:
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(d)
+        ids.append(eos)
+    return ids
+
+
+def _eos(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the checkpoint's tokenizer has no EOS token; it is needed between documents")
+    return tokenizer.eos_token_id
 
 
 def pack_blocks(texts: Sequence[str], tokenizer, block_size: int) -> torch.Tensor:
     """Tokenize, join documents with EOS, and cut into ``[n, block_size]`` int64 blocks."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the checkpoint's tokenizer has no EOS token; it is needed between documents")
-    ids: list[int] = []
-    for enc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(eos)
+    return _cut(_join(_tokenize(texts, tokenizer), _eos(tokenizer)), block_size)
+
+
+def _cut(ids: list[int], block_size: int) -> torch.Tensor:
     n = len(ids) // block_size
     if n == 0:
         raise DataError(f"the held-out set has {len(ids)} tokens, fewer than one block of {block_size}; "
@@ -77,14 +126,60 @@ def evenly_spaced(blocks: torch.Tensor, n: int | None) -> torch.Tensor:
     return blocks[idx]
 
 
-def load_blocks(conf: TextSetConf, tokenizer, name: str = "heldout") -> torch.Tensor:
-    """Load, tokenize and pack one configured set; log its size."""
-    texts = load_texts(conf.path, conf.text_column)
-    blocks = pack_blocks(texts, tokenizer, conf.block_size)
+def _subset(docs: list[list[int]], conf: TextSetConf) -> list[list[int]]:
+    """A seeded subset of documents (by count, then by token budget), kept in corpus order."""
+    if conf.max_documents is None and conf.max_tokens is None:
+        return docs
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(conf.seed)).tolist()
+    if conf.max_documents is not None:
+        order = order[: conf.max_documents]
+    if conf.max_tokens is not None:
+        kept, total = [], 0
+        for i in order:
+            if total >= conf.max_tokens:
+                break
+            kept.append(i)
+            total += len(docs[i]) + 1
+        order = kept
+    return [docs[i] for i in sorted(order)]
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def load_blocks(conf: TextSetConf, tokenizer, name: str = "heldout", cache_dir: str | Path | None = None
+                ) -> torch.Tensor:
+    """Load, subset, tokenize and pack one configured set (cached); log its size."""
+    where = conf.path or f"{conf.name}:{conf.config_name}:{conf.split}"
+    ds = load_dataset_split(conf.path, conf.name, conf.config_name, conf.split, what=f"data.{name}")
+    cache = None
+    if cache_dir is not None:
+        key = hashlib.sha1(json.dumps([_FORMAT, ds._fingerprint, _tokenizer_hash(tokenizer), asdict(conf)],
+                                      sort_keys=True, default=str).encode()).hexdigest()[:20]
+        cache = Path(cache_dir).expanduser() / "blocks" / f"{key}.pt"
+        if cache.exists():
+            blocks = torch.load(cache, weights_only=True)
+            log.info("%s: %d blocks of %d tokens from the cache (%s)", name, blocks.shape[0], conf.block_size,
+                     cache.name)
+            return blocks
+    docs = _subset(_tokenize(_texts(ds, conf.text_column, where), tokenizer), conf)
+    ids = _join(docs, _eos(tokenizer))
+    if conf.max_tokens is not None:
+        ids = ids[: max(conf.max_tokens, conf.block_size)]
+    blocks = _cut(ids, conf.block_size)
     kept = evenly_spaced(blocks, conf.num_blocks)
     if conf.num_blocks is not None and kept.shape[0] < conf.num_blocks:
         log.warning("%s: asked for %d blocks but the set holds only %d of %d tokens",
                     name, conf.num_blocks, kept.shape[0], conf.block_size)
-    log.info("%s: %d documents -> %d blocks of %d tokens (kept %d)", name, len(texts),
-             blocks.shape[0], conf.block_size, kept.shape[0])
+    log.info("%s: %d documents -> %d blocks of %d tokens (kept %d)", name, len(docs), blocks.shape[0],
+             conf.block_size, kept.shape[0])
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(kept.clone(), tmp)
+        os.replace(tmp, cache)
     return kept

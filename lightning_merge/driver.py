@@ -199,9 +199,10 @@ def run(cfg: RunConfig) -> dict:
             log.warning("model.trust_remote_code=true: running the modeling code shipped in %s",
                         series.config_dir)
         tok = AutoTokenizer.from_pretrained(series.config_dir, trust_remote_code=trust)
-        report_blocks = load_blocks(cfg.data.heldout, tok, "heldout")
+        report_blocks = load_blocks(cfg.data.heldout, tok, "heldout", cache_dir=cfg.cache_dir)
         search_blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
-        ood_blocks = {name: load_blocks(c, tok, name) for name, c in cfg.data.ood.items()}
+        ood_blocks = {name: load_blocks(c, tok, f"ood.{name}", cache_dir=cfg.cache_dir)
+                      for name, c in cfg.data.ood.items()}
         model = _build_model(series, getattr(torch, cfg.model.dtype), trust)
         evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size)
         merger = _Merger(series, model.state_dict(keep_vars=True), cfg.merge.nonfloat, cfg.merge.normalize)
