@@ -186,7 +186,8 @@ class SearchConf:
     """The merge-weight search.
 
     ``name``: ``paper`` (Algorithm 1 of arXiv 2403.19390: start at ``alpha``
-    and 1, then Ax's GP proposes), ``random`` or ``grid``. ``space``:
+    and 1, then a GP with ``acquisition`` ei, pi, ucb or gp_hedge proposes),
+    ``ax`` (the Ax Client default: Sobol, then its GP), ``random`` or ``grid``. ``space``:
     ``pairwise`` (``lam`` in ``[alpha, 1]`` on the newest of two checkpoints).
     """
 
@@ -194,20 +195,20 @@ class SearchConf:
     space: str = "pairwise"
     alpha: float = 0.3
     trials: int = 10
-    acquisition: str = "default"
+    acquisition: str = "gp_hedge"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.name in ("paper", "random", "grid"), "search.name",
-                 f"got {self.name!r}; use paper, random or grid")
+        _require(self.name in ("paper", "ax", "random", "grid"), "search.name",
+                 f"got {self.name!r}; use paper, ax, random or grid")
         _require(self.space in ("pairwise",), "search.space",
                  f"got {self.space!r}; use pairwise")
         _require(0.0 <= self.alpha < 1.0, "search.alpha",
                  f"must be in [0, 1), got {self.alpha}")
         _require(self.trials >= 2, "search.trials",
                  f"must be >= 2 (the two initial points), got {self.trials}")
-        _require(self.acquisition in ("default",), "search.acquisition",
-                 f"got {self.acquisition!r}; use default (the BoTorch default, qLogNEI)")
+        _require(self.acquisition in ("ei", "pi", "ucb", "gp_hedge"), "search.acquisition",
+                 f"got {self.acquisition!r}; use ei, pi, ucb or gp_hedge")
 
 
 @dataclass

@@ -248,16 +248,20 @@ def run(cfg: RunConfig) -> dict:
 
     with stages("search"), report.trial_progress(cfg.search.trials, enabled=evaluator.is_global_zero) as bar:
         for _ in range(cfg.search.trials):
+            t_ask = time.perf_counter()
             prop = search.ask() if search is not None else None
             msg = {"index": prop.index, "weights": prop.weights} if prop is not None else None
             msg = evaluator.broadcast(msg)
+            timing = {"ask_s": time.perf_counter() - t_ask}
             if ledger is not None:
                 ledger.write({"trial": msg["index"], "status": "running", "weights": msg["weights"],
                               "params": prop.params, "origin": prop.origin})
             t0 = time.perf_counter()
             try:
                 merger.apply(msg["weights"])
+                timing["merge_s"] = time.perf_counter() - t0
                 res = evaluator.evaluate(search_blocks)
+                timing["eval_s"] = res.seconds
                 if not math.isfinite(res.loss):
                     raise FloatingPointError(f"non-finite held-out loss {res.loss}")
             except (FloatingPointError, ValueError) as e:
@@ -268,10 +272,13 @@ def run(cfg: RunConfig) -> dict:
                     search.save(out / "ax_snapshot.json")
                 continue
             if search is not None:
-                search.tell(msg["index"], res.loss)
+                # The ledger (fsync'd) records the result before the Ax snapshot does.
                 rec = ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
-                                    "params": prop.params, "origin": prop.origin, OBJECTIVE: res.loss,
-                                    "tokens": res.tokens, "seconds": time.perf_counter() - t0})
+                                    "params": prop.params, "origin": prop.origin, "state": prop.state,
+                                    OBJECTIVE: res.loss,
+                                    "tokens": res.tokens, "seconds": time.perf_counter() - t0,
+                                    **{k: round(v, 4) for k, v in timing.items()}})
+                search.tell(msg["index"], res.loss)
                 search.save(out / "ax_snapshot.json")
                 bar.advance(rec, ledger.best())
 

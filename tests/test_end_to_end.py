@@ -59,7 +59,9 @@ def test_ledger_records_every_trial_and_paper_init(e2e):
     assert sorted(last) == list(range(6))
     assert all(r["status"] == "completed" for r in last.values())
     assert last[0]["params"]["lam"] == pytest.approx(0.2) and last[1]["params"]["lam"] == 1.0
-    assert all(r["origin"] == "gp" for i, r in last.items() if i >= 2)
+    # every later trial comes from the chosen acquisition (GP-Hedge picks one of EI/PI/UCB)
+    assert all(r["origin"] in ("ei", "pi", "ucb") for i, r in last.items() if i >= 2)
+    assert all(set(r["state"]["hedge"]["gains"]) == {"ei", "pi", "ucb"} for i, r in last.items() if i >= 2)
     for r in last.values():
         assert set(r) >= {"trial", "status", "weights", "heldout_loss", "seconds", "tokens"}
 
