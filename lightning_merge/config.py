@@ -150,6 +150,44 @@ class TextSetConf:
 
 
 @dataclass
+class MCSetConf:
+    """One multiple-choice set (MMLU / C-Eval / CMMLU schema; off while both path and name are empty): a local file or folder (``path``) or a cached hub dataset (``name``).
+
+    ``path`` is a json/jsonl/csv/parquet file (it is the evaluated split; no
+    few-shot pool) or a folder whose splits are its files (``test.jsonl``,
+    ``dev.csv``) or subfolders of files (``val/*.csv``, the C-Eval and CMMLU
+    release layout, where each file's stem names the subject). ``name`` +
+    ``config_name`` load through ``datasets`` (offline from its cache).
+    ``max_items`` keeps that many evenly spaced items, so a subset of a
+    subject-sorted set still covers every subject.
+    """
+
+    path: str = ""
+    name: Optional[str] = None
+    config_name: Optional[str] = None
+    split: str = "test"
+    dev_split: Optional[str] = "dev"
+    schema: str = "auto"
+    num_fewshot: int = 0
+    max_items: Optional[int] = None
+    continuation: str = "text"
+
+    def __post_init__(self) -> None:
+        _require(not (self.path and self.name), "data.mc.path",
+                 "set either data.mc.path (local files) or data.mc.name (a hub dataset), not both")
+        _require(self.schema in ("auto", "mmlu", "ceval", "cmmlu"), "data.mc.schema",
+                 f"got {self.schema!r}; use auto, mmlu, ceval or cmmlu")
+        _require(self.continuation in ("text", "letter"), "data.mc.continuation",
+                 f"got {self.continuation!r}; use text (score ' ' + choice) or letter (score ' A')")
+        _require(bool(self.split), "data.mc.split", "must name a split, e.g. test or val")
+        _require(self.num_fewshot >= 0, "data.mc.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
+        _require(self.num_fewshot == 0 or bool(self.dev_split), "data.mc.dev_split",
+                 f"data.mc.num_fewshot={self.num_fewshot} takes its examples from a dev split; set one")
+        _require(self.max_items is None or self.max_items >= 1, "data.mc.max_items",
+                 f"must be >= 1 or null (all items), got {self.max_items}")
+
+
+@dataclass
 class DataConf:
     """Held-out data: the report set, the search subset and out-of-domain sets.
 
@@ -161,6 +199,7 @@ class DataConf:
     heldout: TextSetConf = field(default_factory=TextSetConf)
     search_blocks: Optional[int] = 64
     ood: dict[str, TextSetConf] = field(default_factory=dict)
+    mc: MCSetConf = field(default_factory=MCSetConf)
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -196,6 +235,7 @@ class SearchConf:
     alpha: float = 0.3
     trials: int = 10
     acquisition: str = "gp_hedge"
+    objective: str = "heldout_loss"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -207,6 +247,8 @@ class SearchConf:
                  f"must be in [0, 1), got {self.alpha}")
         _require(self.trials >= 2, "search.trials",
                  f"must be >= 2 (the two initial points), got {self.trials}")
+        _require(self.objective in ("heldout_loss", "mc_acc", "mc_acc_norm"), "search.objective",
+                 f"got {self.objective!r}; use heldout_loss, mc_acc or mc_acc_norm (the latter need data.mc)")
         _require(self.acquisition in ("ei", "pi", "ucb", "gp_hedge"), "search.acquisition",
                  f"got {self.acquisition!r}; use ei, pi, ucb or gp_hedge")
 
@@ -286,6 +328,9 @@ class RunConfig:
         _require(self.mode in ("search", "evaluate", "merge"), "mode",
                  f"got {self.mode!r}; use search, evaluate or merge")
         _require(self.threads >= 0, "threads", "must be >= 0 (0 keeps torch's default)")
+        if self.search.objective != "heldout_loss":
+            _require(bool(self.data.mc.path or self.data.mc.name), "data.mc.path",
+                     f"search.objective={self.search.objective} needs a multiple-choice set (data.mc.path or name)")
         if self.mode in ("evaluate", "merge"):
             _require(self.merge.weights is not None or self.merge.recipe is not None, "merge.weights",
                      f"mode={self.mode} needs weights, e.g. merge.weights=[0.4,0.6] "

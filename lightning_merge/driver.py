@@ -203,6 +203,12 @@ def run(cfg: RunConfig) -> dict:
         search_blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
         ood_blocks = {name: load_blocks(c, tok, f"ood.{name}", cache_dir=cfg.cache_dir)
                       for name, c in cfg.data.ood.items()}
+        mc_data = None
+        if cfg.data.mc.path or cfg.data.mc.name:
+            from .multiple_choice import load_mc
+
+            mc_data = load_mc(cfg.data.mc, tok)
+            log.info("multiple choice: %d items", mc_data.num_items)
         model = _build_model(series, getattr(torch, cfg.model.dtype), trust)
         evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size)
         merger = _Merger(series, model.state_dict(keep_vars=True), cfg.merge.nonfloat, cfg.merge.normalize)
@@ -212,7 +218,19 @@ def run(cfg: RunConfig) -> dict:
         res = {"heldout_loss": evaluator.evaluate(report_blocks).loss}
         res["heldout_ppl"] = math.exp(res["heldout_loss"])
         res["ood_loss"] = {n: evaluator.evaluate(b).loss for n, b in ood_blocks.items()}
+        if mc_data is not None:
+            res.update({f"mc_{k}": v for k, v in evaluator.evaluate_mc(mc_data).items()})
         return res
+
+    def objective(weights: list[float]) -> tuple[float, dict]:
+        """The minimised value of one trial, and the metrics it came from."""
+        merger.apply(weights)
+        if cfg.search.objective == "heldout_loss":
+            r = evaluator.evaluate(search_blocks)
+            return r.loss, {"heldout_loss": r.loss, "tokens": r.tokens}
+        m = evaluator.evaluate_mc(mc_data)
+        key = cfg.search.objective[3:]  # acc | acc_norm
+        return 1.0 - m[key], {f"mc_{k}": v for k, v in m.items()}
 
     if cfg.mode == "evaluate":
         with stages("evaluate"):
@@ -258,12 +276,10 @@ def run(cfg: RunConfig) -> dict:
                               "params": prop.params, "origin": prop.origin})
             t0 = time.perf_counter()
             try:
-                merger.apply(msg["weights"])
-                timing["merge_s"] = time.perf_counter() - t0
-                res = evaluator.evaluate(search_blocks)
-                timing["eval_s"] = res.seconds
-                if not math.isfinite(res.loss):
-                    raise FloatingPointError(f"non-finite held-out loss {res.loss}")
+                value, metrics = objective(msg["weights"])
+                timing["eval_s"] = time.perf_counter() - t0
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"non-finite objective {value}")
             except (FloatingPointError, ValueError) as e:
                 if search is not None:
                     search.fail(msg["index"], str(e))
@@ -275,10 +291,9 @@ def run(cfg: RunConfig) -> dict:
                 # The ledger (fsync'd) records the result before the Ax snapshot does.
                 rec = ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
                                     "params": prop.params, "origin": prop.origin, "state": prop.state,
-                                    OBJECTIVE: res.loss,
-                                    "tokens": res.tokens, "seconds": time.perf_counter() - t0,
+                                    OBJECTIVE: value, **metrics, "seconds": time.perf_counter() - t0,
                                     **{k: round(v, 4) for k, v in timing.items()}})
-                search.tell(msg["index"], res.loss)
+                search.tell(msg["index"], value)
                 search.save(out / "ax_snapshot.json")
                 bar.advance(rec, ledger.best())
 
@@ -287,7 +302,7 @@ def run(cfg: RunConfig) -> dict:
         raise RuntimeError("every trial failed; see trials.jsonl for the reasons")
     with stages("evaluate best"):
         best = {"weights": best_rec["weights"], "params": best_rec.get("params", {}),
-                "search_loss": best_rec[OBJECTIVE], **full_eval(best_rec["weights"])}
+                "search_objective": best_rec[OBJECTIVE], **full_eval(best_rec["weights"])}
     candidates.append({"name": "best merge", "kind": "search", **best})
 
     merged = None

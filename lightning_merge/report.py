@@ -52,7 +52,13 @@ def command_line() -> str:
     return "python -m lightning_merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict]) -> str | None:
+def _objective_label(objective: str) -> str:
+    return {"heldout_loss": "held-out loss (search set, nats/token)",
+            "mc_acc": "1 - accuracy (multiple choice)",
+            "mc_acc_norm": "1 - acc_norm (multiple choice)"}.get(objective, objective)
+
+
+def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict], cfg_objective: str) -> str | None:
     lams = [t["params"]["lam"] for t in trials if "lam" in t.get("params", {})]
     if not lams:
         return None
@@ -61,7 +67,7 @@ def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict]) -> str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = [t["heldout_loss"] for t in trials if "lam" in t.get("params", {})]
+    losses = [t["objective"] for t in trials if "lam" in t.get("params", {})]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     a1.scatter(lams, losses, c=range(len(lams)), cmap="viridis", label="trials (colour = order)", zorder=3)
     for i, (x, y) in enumerate(zip(lams, losses)):
@@ -69,7 +75,7 @@ def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict]) -> str 
     ib = min(range(len(losses)), key=losses.__getitem__)
     a1.scatter([lams[ib]], [losses[ib]], marker="*", s=250, c="red", label=f"best: lam={lams[ib]:.3f}", zorder=4)
     a1.set_xlabel("lam (weight of the newest checkpoint)")
-    a1.set_ylabel("held-out loss (search set, nats/token)")
+    a1.set_ylabel(_objective_label(cfg_objective))
     a1.set_title("Objective against lam")
     a1.legend()
     best = []
@@ -79,7 +85,7 @@ def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict]) -> str 
     a2.plot(range(len(losses)), losses, ls="", marker="x", alpha=0.6, label="trial")
     a2.xaxis.get_major_locator().set_params(integer=True)
     a2.set_xlabel("trial")
-    a2.set_ylabel("held-out loss (search set)")
+    a2.set_ylabel(_objective_label(cfg_objective))
     a2.set_title("Best so far")
     a2.legend()
     fig.tight_layout()
@@ -94,7 +100,7 @@ def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict]) -> str 
 def write_report(out: Path, results: dict, trials: Sequence[dict], cfg) -> Path:
     """``report.md``: the candidates table, the trials, and the plots."""
     out = Path(out)
-    plot = _plot_lam(out, trials, results["candidates"])
+    plot = _plot_lam(out, trials, results["candidates"], cfg.search.objective)
     lines = [f"# lightning_merge report: {cfg.experiment} / {cfg.search.name}", "",
              f"Command: `{command_line()}`", "", "## Candidates (held-out report set)", "",
              "| candidate | weights | held-out loss | ppl | " +
@@ -107,11 +113,12 @@ def write_report(out: Path, results: dict, trials: Sequence[dict], cfg) -> Path:
     if "gain_vs_last_percent" in results:
         lines += ["", f"Gain of the best merge over the last checkpoint: "
                       f"**{results['gain_vs_last_percent']:.2f}%**"]
-    lines += ["", "## Trials (search set)", "", "| trial | origin | weights | loss | seconds |",
+    lines += ["", f"## Trials (objective: {_objective_label(cfg.search.objective)})", "",
+              "| trial | origin | weights | objective | seconds |",
               "|---|---|---|---|---|"]
     for t in trials:
         lines.append(f"| {t['trial']} | {t.get('origin', '')} | {_w(t['weights'])} | "
-                     f"{t['heldout_loss']:.4f} | {t['seconds']:.2f} |")
+                     f"{t['objective']:.4f} | {t['seconds']:.2f} |")
     if plot:
         lines += ["", f"![search]({plot})"]
     lines += ["", "## Stage timings", ""] + [f"- {k}: {v:.1f}s" for k, v in results["seconds"].items()]
@@ -138,6 +145,10 @@ def print_summary(results: dict, cfg) -> None:
     table.add_column("ppl", justify="right")
     for n in cfg.data.ood:
         table.add_column(f"{n} loss", justify="right")
+    has_mc = any("mc_acc" in c for c in cands) or "mc_acc" in results["best"]
+    if has_mc:
+        table.add_column("MC acc", justify="right")
+        table.add_column("acc_norm", justify="right")
     table.add_column("gain vs last", justify="right", no_wrap=True)
     rows = cands if cands else [{"name": "evaluated weights", **results["best"]}]
     for c in rows:
@@ -146,6 +157,8 @@ def print_summary(results: dict, cfg) -> None:
         table.add_row(c["name"], _w(c["weights"]), f"{c['heldout_loss']:.4f}",
                       f"{c.get('heldout_ppl', float('nan')):.2f}",
                       *[f"{c.get('ood_loss', {}).get(n, float('nan')):.4f}" for n in cfg.data.ood],
+                      *([f"{c.get('mc_acc', float('nan')):.4f}", f"{c.get('mc_acc_norm', float('nan')):.4f}"]
+                        if has_mc else []),
                       gain, style=style)
     con = Console(width=max(Console().width, 120))
     con.print(table)
@@ -196,9 +209,9 @@ class _Bar:
     def advance(self, rec: dict, best: dict | None) -> None:
         if self.progress is None:
             return
-        desc = f"trial {rec['trial']}: loss {rec['heldout_loss']:.4f}"
+        desc = f"trial {rec['trial']}: {rec['objective']:.4f}"
         if best is not None:
-            desc += f" | best {best['heldout_loss']:.4f} @ {_w(best['weights'])}"
+            desc += f" | best {best['objective']:.4f} @ {_w(best['weights'])}"
         self.progress.update(self.task, advance=1, description=desc)
 
 

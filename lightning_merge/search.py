@@ -31,7 +31,7 @@ from .io import append_jsonl, read_jsonl
 __all__ = ["Proposal", "PairwiseSpace", "AxSearch", "Ledger", "OBJECTIVE"]
 
 log = logging.getLogger(__name__)
-OBJECTIVE = "heldout_loss"
+OBJECTIVE = "objective"  # the minimised value: held-out loss, or 1 - accuracy
 
 
 @dataclass
