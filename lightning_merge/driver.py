@@ -125,28 +125,23 @@ def _apply_recipe(cfg: RunConfig) -> RunConfig:
     return replace(cfg, checkpoints=ckpts, merge=merge)
 
 
-class _Merger:
-    """Resident sources bound to the model's tensors: ``apply(weights)`` re-merges in place."""
+_SHARD_KIND = {"single": "whole", "ddp": "whole", "deepspeed_stage_3": "zero3", "fsdp": "fsdp"}
 
-    def __init__(self, series: CheckpointSeries, model_tensors: dict[str, torch.Tensor],
-                 nonfloat: str = "equal", normalize: bool = False) -> None:
-        names = series.names
-        missing = [n for n in names if n not in model_tensors]
-        if missing:
-            raise CheckpointError(f"{series.newest.path}: tensors {missing[:5]} are not in the model "
-                                  f"built from {series.config_dir}/config.json")
-        tied = {"lm_head.weight"} if series.tied else set()
-        unfilled = [n for n in model_tensors if n not in set(names) | tied]
-        if unfilled:
-            raise CheckpointError(f"{series.newest.path}: the model expects tensors {unfilled[:5]} "
-                                  "that the checkpoints do not hold")
-        self.names = names
-        self.nonfloat, self.normalize = nonfloat, normalize
-        self.targets = [model_tensors[n] for n in names]
-        self.sources = series.load_resident(names, device=self.targets[0].device)
 
-    def apply(self, weights: list[float]) -> None:
-        merge_into(self.targets, self.sources, weights, normalize=self.normalize, nonfloat=self.nonfloat)
+def _merger_factory(cfg: RunConfig, series: CheckpointSeries):
+    """Builds, on the first evaluation, this rank's resident sources bound to its (shards of the) model."""
+    from .sharding import ShardMerger
+
+    kind = _SHARD_KIND[cfg.strategy.name]
+
+    def build(model: torch.nn.Module) -> ShardMerger:
+        t0 = time.perf_counter()
+        merger = ShardMerger(model, kind, series, nonfloat=cfg.merge.nonfloat, normalize=cfg.merge.normalize)
+        log.info("resident sources: %d checkpoints x %.1fM of %.1fM elements on this rank (%s), %.1fs",
+                 len(series), merger.local_numel / 1e6, merger.full_numel / 1e6, kind, time.perf_counter() - t0)
+        return merger
+
+    return build
 
 
 def run(cfg: RunConfig) -> dict:
@@ -210,11 +205,11 @@ def run(cfg: RunConfig) -> dict:
             mc_data = load_mc(cfg.data.mc, tok)
             log.info("multiple choice: %d items", mc_data.num_items)
         model = _build_model(series, getattr(torch, cfg.model.dtype), trust)
-        evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size)
-        merger = _Merger(series, model.state_dict(keep_vars=True), cfg.merge.nonfloat, cfg.merge.normalize)
+        evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size,
+                              merger_factory=_merger_factory(cfg, series))
 
     def full_eval(weights: list[float]) -> dict:
-        merger.apply(weights)
+        evaluator.set_weights(weights)
         res = {"heldout_loss": evaluator.evaluate(report_blocks).loss}
         res["heldout_ppl"] = math.exp(res["heldout_loss"])
         res["ood_loss"] = {n: evaluator.evaluate(b).loss for n, b in ood_blocks.items()}
@@ -224,7 +219,7 @@ def run(cfg: RunConfig) -> dict:
 
     def objective(weights: list[float]) -> tuple[float, dict]:
         """The minimised value of one trial, and the metrics it came from."""
-        merger.apply(weights)
+        evaluator.set_weights(weights)
         if cfg.search.objective == "heldout_loss":
             r = evaluator.evaluate(search_blocks)
             return r.loss, {"heldout_loss": r.loss, "tokens": r.tokens}
@@ -277,7 +272,8 @@ def run(cfg: RunConfig) -> dict:
             t0 = time.perf_counter()
             try:
                 value, metrics = objective(msg["weights"])
-                timing["eval_s"] = time.perf_counter() - t0
+                timing["merge_s"] = evaluator.merge_seconds
+                timing["eval_s"] = time.perf_counter() - t0 - evaluator.merge_seconds
                 if not math.isfinite(value):
                     raise FloatingPointError(f"non-finite objective {value}")
             except (FloatingPointError, ValueError) as e:

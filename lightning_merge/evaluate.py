@@ -12,7 +12,11 @@ per evaluation. The result is the same number whatever the world size or the
 batch size.
 
 The ``Trainer`` is built once and reused for every trial; only ``validate`` is
-called per trial.
+called per trial. The trial's merge runs inside it, in ``on_validation_start``
+(a callback), after the strategy has set the model up: under DDP every rank
+merges whole tensors, under ZeRO-3 or FSDP each rank merges only the shard it
+holds (``sharding.py``), which exists only once the strategy has sharded the
+model.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -147,12 +151,35 @@ def lightning_strategy(conf: StrategyConf):
     return DDPStrategy(process_group_backend=backend, timeout=timedelta(seconds=conf.timeout_s))
 
 
-class Evaluator:
-    """One ``Trainer`` for the whole run; ``evaluate(blocks)`` is one exact evaluation."""
+class _MergeBeforeEval(L.Callback):
+    """Applies the pending trial weights once the strategy has set the model up."""
 
-    def __init__(self, model: torch.nn.Module, conf: StrategyConf, batch_size: int = 8) -> None:
+    def __init__(self, evaluator: "Evaluator") -> None:
+        self.evaluator = evaluator
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluator._merge_pending()
+
+
+class Evaluator:
+    """One ``Trainer`` for the whole run; ``evaluate(blocks)`` is one exact evaluation.
+
+    ``merger_factory(model)`` builds the object whose ``apply(weights)`` merges
+    this rank's resident sources into ``model`` in place; it is called once, on
+    the first evaluation, after the strategy has placed (and sharded) the model.
+    ``set_weights`` makes the next evaluation merge first; evaluations with
+    unchanged weights do not merge again.
+    """
+
+    def __init__(self, model: torch.nn.Module, conf: StrategyConf, batch_size: int = 8,
+                 merger_factory: Callable[[torch.nn.Module], Any] | None = None) -> None:
         self.module = CausalLMEval(model)
         self.batch_size = batch_size
+        self.merger_factory = merger_factory
+        self.merger = None
+        self._pending: list[float] | None = None
+        self._applied: list[float] | None = None
+        self.merge_seconds = 0.0
         # Lightning's banner (GPU/TPU available, tips) would repeat on every rank; keep warnings.
         for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -162,8 +189,26 @@ class Evaluator:
             accelerator=conf.accelerator, devices=conf.devices, num_nodes=conf.num_nodes,
             strategy=lightning_strategy(conf), precision=conf.precision, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
-            num_sanity_val_steps=0, inference_mode=True,
+            num_sanity_val_steps=0, inference_mode=True, callbacks=[_MergeBeforeEval(self)],
         )
+
+    def set_weights(self, weights: list[float]) -> None:
+        """Merge these weights (all ranks must pass the same) before the next evaluation."""
+        self._pending = [float(w) for w in weights]
+
+    def _merge_pending(self) -> None:
+        if self._pending is None or self._pending == self._applied:
+            return
+        if self.merger_factory is None:
+            raise RuntimeError("set_weights was called but the Evaluator has no merger_factory")
+        t0 = time.perf_counter()
+        if self.merger is None:
+            self.merger = self.merger_factory(self.module.model)
+            t0 = time.perf_counter()
+        with torch.no_grad():
+            self.merger.apply(self._pending)
+        self._applied = self._pending
+        self.merge_seconds = time.perf_counter() - t0
 
     @property
     def is_global_zero(self) -> bool:
