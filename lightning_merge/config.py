@@ -259,8 +259,10 @@ class StrategyConf:
 
     ``single``: one process (CPU or one GPU). ``ddp``: ``devices`` x
     ``num_nodes`` processes, each holding a whole model and evaluating its own
-    blocks (gloo on CPU, NCCL on GPU). ``timeout_s`` bounds collectives so a
-    lost rank fails the job instead of hanging it.
+    blocks (gloo on CPU, NCCL on GPU). ``deepspeed_stage_3`` (GPUs only; Lightning
+    refuses both on CPU) and ``fsdp``: each rank holds a shard of the
+    model and of every source, and merges only its shard. ``timeout_s`` bounds
+    collectives so a lost rank fails the job instead of hanging it.
     """
 
     name: str = "single"
@@ -271,7 +273,11 @@ class StrategyConf:
     timeout_s: int = 1800
 
     def __post_init__(self) -> None:
-        _require(self.name in ("single", "ddp"), "strategy.name", f"got {self.name!r}; use single or ddp")
+        _require(self.name in ("single", "ddp", "deepspeed_stage_3", "fsdp"), "strategy.name",
+                 f"got {self.name!r}; use single, ddp, deepspeed_stage_3 or fsdp")
+        _require(not (self.name in ("deepspeed_stage_3", "fsdp") and self.accelerator == "cpu"),
+                 "strategy.accelerator", f"Lightning runs strategy={self.name} only on GPUs; use "
+                 "strategy.accelerator=gpu, or strategy=ddp on CPU")
         _require(self.devices >= 1, "strategy.devices", "must be >= 1")
         _require(self.num_nodes >= 1, "strategy.num_nodes", "must be >= 1")
         _require(self.name != "single" or (self.devices == 1 and self.num_nodes == 1), "strategy.devices",

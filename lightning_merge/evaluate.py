@@ -145,10 +145,23 @@ def lightning_strategy(conf: StrategyConf):
         return "auto"
     from datetime import timedelta
 
-    from lightning.pytorch.strategies import DDPStrategy
-
     backend = "gloo" if conf.accelerator == "cpu" else None  # None: NCCL on GPUs
-    return DDPStrategy(process_group_backend=backend, timeout=timedelta(seconds=conf.timeout_s))
+    timeout = timedelta(seconds=conf.timeout_s)
+    if conf.name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend=backend, timeout=timeout)
+    if conf.name == "deepspeed_stage_3":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        # Inference only: no optimizer state; parameters are partitioned across ranks.
+        return DeepSpeedStrategy(stage=3, process_group_backend=backend, timeout=timeout)
+    if conf.name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(sharding_strategy="FULL_SHARD", use_orig_params=True,
+                            process_group_backend=backend, timeout=timeout)
+    raise ValueError(f"strategy.name={conf.name!r}")
 
 
 class _MergeBeforeEval(L.Callback):
