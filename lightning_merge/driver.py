@@ -134,9 +134,10 @@ def _merger_factory(cfg: RunConfig, series: CheckpointSeries):
 
     kind = _SHARD_KIND[cfg.strategy.name]
 
-    def build(model: torch.nn.Module) -> ShardMerger:
+    def build(model: torch.nn.Module, prefix: str = "") -> ShardMerger:
         t0 = time.perf_counter()
-        merger = ShardMerger(model, kind, series, nonfloat=cfg.merge.nonfloat, normalize=cfg.merge.normalize)
+        merger = ShardMerger(model, kind, series, prefix=prefix, nonfloat=cfg.merge.nonfloat,
+                             normalize=cfg.merge.normalize)
         log.info("resident sources: %d checkpoints x %.1fM of %.1fM elements on this rank (%s), %.1fs",
                  len(series), merger.local_numel / 1e6, merger.full_numel / 1e6, kind, time.perf_counter() - t0)
         return merger

@@ -65,6 +65,15 @@ class TokenNLL(Metric):
         self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
+    def _apply(self, fn, exclude_state=()):
+        # ``module.to(dtype)`` (Lightning's "-true" precisions, DeepSpeed) would cast the float64 sum
+        # to bf16/fp32; torchmetrics guards only .half()/.bfloat16(). Move states, never cast them.
+        this = super()._apply(fn, exclude_state=("nll", "tokens"))
+        for key in ("nll", "tokens"):
+            this._defaults[key] = this._defaults[key].to(this.device)
+            setattr(this, key, getattr(this, key).to(this.device))
+        return this
+
     def update(self, nll: torch.Tensor, tokens: torch.Tensor) -> None:
         self.nll += nll.to(torch.float64)
         self.tokens += tokens.to(torch.int64)
@@ -139,28 +148,63 @@ class CausalLMEval(L.LightningModule):
         self.metric.reset()
 
 
-def lightning_strategy(conf: StrategyConf):
+def _keep_on_device(cls: type) -> type:
+    """A strategy subclass that leaves the model on its device when ``validate`` ends.
+
+    Hack, said plainly: Lightning's ``Strategy.teardown`` moves the module to
+    CPU after every ``validate``, which for a search costs a full host<->device
+    copy of the model per trial and, under ZeRO-3, strands gathered copies and
+    metric states on the CPU (the engine does not move an already partitioned
+    model back). We run ``teardown`` with ``module.cpu`` made a no-op.
+    """
+
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if module is None:
+            return cls.teardown(self)
+        module.cpu = lambda: module  # instance attribute shadows the method for this call only
+        try:
+            cls.teardown(self)
+        finally:
+            del module.cpu
+
+    return type(f"KeepOnDevice{cls.__name__}", (cls,), {"teardown": teardown})
+
+
+def _layer_classes(model: torch.nn.Module | None) -> set[type]:
+    """The decoder-layer classes an HF model names in ``_no_split_modules`` (FSDP wraps each)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return {type(m) for m in (model.modules() if model is not None else []) if type(m).__name__ in names}
+
+
+def lightning_strategy(conf: StrategyConf, model: torch.nn.Module | None = None):
     """The Lightning strategy object for ``strategy.name``."""
-    if conf.name == "single":
-        return "auto"
     from datetime import timedelta
 
+    if conf.name == "single":
+        if conf.accelerator == "cpu":
+            return "auto"
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        return _keep_on_device(SingleDeviceStrategy)(device=torch.device("cuda", 0))
     backend = "gloo" if conf.accelerator == "cpu" else None  # None: NCCL on GPUs
     timeout = timedelta(seconds=conf.timeout_s)
     if conf.name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend=backend, timeout=timeout)
+        return _keep_on_device(DDPStrategy)(process_group_backend=backend, timeout=timeout)
     if conf.name == "deepspeed_stage_3":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         # Inference only: no optimizer state; parameters are partitioned across ranks.
-        return DeepSpeedStrategy(stage=3, process_group_backend=backend, timeout=timeout)
+        return _keep_on_device(DeepSpeedStrategy)(stage=3, process_group_backend=backend, timeout=timeout)
     if conf.name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        return FSDPStrategy(sharding_strategy="FULL_SHARD", use_orig_params=True,
-                            process_group_backend=backend, timeout=timeout)
+        layers = _layer_classes(model)
+        return _keep_on_device(FSDPStrategy)(sharding_strategy="FULL_SHARD", use_orig_params=True,
+                                             auto_wrap_policy=layers or None,
+                                             process_group_backend=backend, timeout=timeout)
     raise ValueError(f"strategy.name={conf.name!r}")
 
 
@@ -177,15 +221,16 @@ class _MergeBeforeEval(L.Callback):
 class Evaluator:
     """One ``Trainer`` for the whole run; ``evaluate(blocks)`` is one exact evaluation.
 
-    ``merger_factory(model)`` builds the object whose ``apply(weights)`` merges
-    this rank's resident sources into ``model`` in place; it is called once, on
+    ``merger_factory(model, prefix)`` builds the object whose ``apply(weights)``
+    merges this rank's resident sources into ``model`` in place (``prefix``:
+    what the model's names carry before the checkpoint's); it is called once, on
     the first evaluation, after the strategy has placed (and sharded) the model.
     ``set_weights`` makes the next evaluation merge first; evaluations with
     unchanged weights do not merge again.
     """
 
     def __init__(self, model: torch.nn.Module, conf: StrategyConf, batch_size: int = 8,
-                 merger_factory: Callable[[torch.nn.Module], Any] | None = None) -> None:
+                 merger_factory: Callable[[torch.nn.Module, str], Any] | None = None) -> None:
         self.module = CausalLMEval(model)
         self.batch_size = batch_size
         self.merger_factory = merger_factory
@@ -200,7 +245,7 @@ class Evaluator:
         warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
         self.trainer = L.Trainer(
             accelerator=conf.accelerator, devices=conf.devices, num_nodes=conf.num_nodes,
-            strategy=lightning_strategy(conf), precision=conf.precision, logger=False, enable_checkpointing=False,
+            strategy=lightning_strategy(conf, model), precision=conf.precision, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
             num_sanity_val_steps=0, inference_mode=True, callbacks=[_MergeBeforeEval(self)],
         )
@@ -216,7 +261,13 @@ class Evaluator:
             raise RuntimeError("set_weights was called but the Evaluator has no merger_factory")
         t0 = time.perf_counter()
         if self.merger is None:
-            self.merger = self.merger_factory(self.module.model)
+            # FSDP wraps the whole LightningModule: its root (strategy.model) holds the shards,
+            # under names prefixed by the module's attribute ("model.").
+            root = self.trainer.strategy.model
+            wrapped = root is not None and root is not self.module and type(root).__name__.startswith(
+                ("FullyShardedDataParallel",))
+            self.merger = self.merger_factory(root, "model.") if wrapped else \
+                self.merger_factory(self.module.model, "")
             t0 = time.perf_counter()
         with torch.no_grad():
             self.merger.apply(self._pending)

@@ -30,6 +30,9 @@ persistent parameters, ``param_persistence_threshold``; the FSDP root, which
 is not resharded after forward). A merge into the shards would leave that copy
 stale, so :meth:`ShardMerger.apply` first drops every gathered copy
 (:func:`release_gathered`): the next forward gathers the merged shards.
+:meth:`ShardMerger.release` does only that, for an evaluation that follows
+another without a merge between them, once the framework may have moved
+those copies (Lightning's teardown moves the module to CPU).
 
 Knows ranks and strategies, but not Lightning or Hydra.
 """
@@ -204,6 +207,10 @@ def _fsdp_shards(model: torch.nn.Module, prefix: str) -> list[LocalShard]:
     for name, p in model.named_parameters():
         if isinstance(p, DTensor):
             out.append(_fsdp2_shard(name, p, prefix))
+        elif getattr(p, "_fsdp_flattened", False):
+            raise ShardingError(f"parameter {name!r} belongs to an FSDP1 FlatParameter held by an enclosing "
+                                "FullyShardedDataParallel: pass the module that contains the FSDP root (for "
+                                "Lightning's FSDPStrategy, trainer.strategy.model, with prefix='model.')")
         else:
             raise ShardingError(f"parameter {name!r} is not sharded: pass the FSDP-wrapped model (FSDP1 "
                                 "FullyShardedDataParallel, or FSDP2 fully_shard on the modules holding it)")
@@ -302,9 +309,12 @@ def release_gathered(model: torch.nn.Module, kind: str) -> int:
         gathered = []
         for name, p in model.named_parameters():
             status = getattr(p, "ds_status", None)
-            if status == ZeroParamStatus.INFLIGHT or (status == ZeroParamStatus.AVAILABLE and p.ds_active_sub_modules):
-                raise ShardingError(f"parameter {name!r} is in use by a forward; merge between forwards only")
+            if status == ZeroParamStatus.INFLIGHT:
+                raise ShardingError(f"parameter {name!r} is being gathered; merge between forwards only")
             if status == ZeroParamStatus.AVAILABLE:
+                # As DeepSpeed's own release_and_reset_all does: a module whose post-forward hook did not
+                # fire can leave itself listed as a user of the parameter; between forwards, none is.
+                p.ds_active_sub_modules.clear()
                 gathered.append(p)
         if gathered:  # the partition is current, so this only frees the gathered copy (no copy back)
             gathered[0].partition(param_list=gathered)
@@ -332,10 +342,11 @@ class ShardMerger:
     Memory per rank is ``K / world`` of one model's sources plus its own
     shards; nothing is gathered to merge. Padding in ZeRO-3 partitions is not
     part of any target, so it is never written (DeepSpeed never reads it).
-    The targets are looked up again at every :meth:`apply`, since a framework
-    may re-point a parameter's storage between merges (Lightning's
-    ``module.to(dtype / device)`` under DDP or one device); the ranges must not
-    change, and the sources must sit on the targets' device.
+    The targets are looked up again at every :meth:`apply` and not kept, since
+    a framework may re-point a parameter's storage between merges (Lightning's
+    ``module.to(dtype / device)`` under DDP or one device), and a kept view
+    would keep the old storage alive; the ranges must not change, and the
+    sources must sit on the targets' device.
     """
 
     def __init__(self, model: torch.nn.Module, kind: str, series: CheckpointSeries, *, prefix: str = "",
@@ -345,27 +356,41 @@ class ShardMerger:
         self.nonfloat, self.normalize = nonfloat, normalize
         self._tied = {"lm_head.weight"} if series.tied else set()  # re-tied by the model, not merged (as in DDP)
         release_gathered(model, kind)  # FSDP2 swaps in its sharded params only when resharded
-        self.shards = self._current_shards()
-        self.sources = load_local_sources(series, self.shards, device=device)
+        shards = self.shards
+        self._layout = [(s.name, s.start, s.end) for s in shards]
+        self._full_numel = sum(math.prod(s.shape) for s in shards if s.shape is not None)
+        self.sources = load_local_sources(series, shards, device=device)
 
-    def _current_shards(self) -> list[LocalShard]:
+    @property
+    def shards(self) -> list[LocalShard]:
+        """This rank's shards as the model holds them now (fresh views; cheap)."""
         return [s for s in local_shards(self.model, self.kind, prefix=self.prefix) if s.name not in self._tied]
 
     @property
     def local_numel(self) -> int:
         """Elements this rank merges (its shards), next to :attr:`full_numel`."""
-        return sum(s.end - s.start for s in self.shards)
+        return sum(end - start for _, start, end in self._layout)
 
     @property
     def full_numel(self) -> int:
         """Elements of the whole (unsharded) model's merged tensors."""
-        return sum(math.prod(s.shape) for s in self.shards if s.shape is not None)
+        return self._full_numel
+
+    def release(self) -> int:
+        """Drop the full copies a forward left gathered (see :func:`release_gathered`).
+
+        :meth:`apply` does this itself. Call it after an evaluation that is not
+        followed by a merge: a framework may move those copies meanwhile (Lightning's
+        teardown after ``validate`` moves the module to CPU, gathered ZeRO-3 copies
+        included, and the next forward would use them there, as they are).
+        """
+        return release_gathered(self.model, self.kind)
 
     def apply(self, weights: Sequence[float]) -> None:
         """Merge ``weights`` into this rank's shards; the next forward sees the merged model."""
-        release_gathered(self.model, self.kind)
-        shards = self._current_shards()
-        if [(s.name, s.start, s.end) for s in shards] != [(s.name, s.start, s.end) for s in self.shards]:
+        self.release()
+        shards = self.shards
+        if [(s.name, s.start, s.end) for s in shards] != self._layout:
             raise ShardingError("the model's local shards changed since the sources were loaded "
                                 "(re-sharded or re-wrapped?); build a new ShardMerger")
         for s, src in zip(shards, self.sources[0]):
@@ -373,6 +398,6 @@ class ShardMerger:
                 raise ShardingError(f"{s.name!r} is on {s.target.device} but its sources were loaded on "
                                     f"{src.device}: the model moved after the ShardMerger was built; build it "
                                     "(or pass device=) where the model is merged")
-        self.shards = shards
-        merge_into([s.target for s in shards], self.sources, list(weights),
-                   normalize=self.normalize, nonfloat=self.nonfloat)
+        live = [i for i, s in enumerate(shards) if s.end > s.start]  # a rank may hold none of a small tensor
+        merge_into([shards[i].target for i in live], [[src[i] for i in live] for src in self.sources],
+                   list(weights), normalize=self.normalize, nonfloat=self.nonfloat)
