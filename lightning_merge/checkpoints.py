@@ -57,6 +57,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = -1  # absolute byte offset of the data in ``file`` (safetensors only)
+    length: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +97,8 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if end > data_len:
             raise CheckpointError(f"{file}: truncated: tensor {name!r} ends at byte {end} "
                                   f"but the data section has {data_len} bytes")
-        out[name] = TensorInfo(name, tuple(meta["shape"]), dtype, file)
+        out[name] = TensorInfo(name, tuple(meta["shape"]), dtype, file, offset=8 + n + start,
+                               length=end - start)
     return out
 
 
@@ -165,7 +168,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config_dir: Path | None = None
     _reader: Callable[[str], torch.Tensor] | None = field(default=None, repr=False, compare=False)
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False, compare=False)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False, compare=False)  # open files
 
     @classmethod
     def open(cls, path: str | Path, strip_prefix: str | None = None) -> "Checkpoint":
@@ -255,18 +258,28 @@ class Checkpoint:
         if self._reader is not None:
             t = self._reader(name)
         else:
-            from safetensors import safe_open
-
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = safe_open(str(info.file), framework="pt")
-                self._handles[info.file] = handle
-            t = handle.get_tensor(name)
+            # A plain read into fresh memory rather than an mmap: mapped pages of every shard touched
+            # would stay in the process (peak RSS ~ K whole checkpoints while streaming a merge);
+            # this buffer is freed as soon as the caller drops the tensor.
+            fh = self._handles.get(info.file)
+            if fh is None:
+                fh = open(info.file, "rb", buffering=0)
+                self._handles[info.file] = fh
+            buf = bytearray(info.length)
+            fh.seek(info.offset)
+            if fh.readinto(buf) != info.length:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+            if info.length == 0:
+                t = torch.empty(info.shape, dtype=info.dtype)
+            else:
+                t = torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
         if t.is_floating_point() and not _all_finite(t):
             raise CheckpointError(f"{info.file}: tensor {name!r} holds non-finite values (NaN or inf)")
         return t
 
     def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
         self._handles.clear()
 
 

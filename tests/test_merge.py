@@ -126,14 +126,19 @@ def test_write_merged_bf16_output_dtype(tiny_run, tmp_path):
 
 
 def test_write_merged_failure_leaves_nothing(tiny_run, tmp_path, monkeypatch):
-    import safetensors.torch as st
+    import lightning_merge.merge as merge_mod
 
     series = CheckpointSeries.from_sources(tiny_run["paths"][:2])
+    calls = []
 
-    def boom(*a, **k):
-        raise OSError("disk on fire")
+    def boom(self, t):
+        calls.append(1)
+        if len(calls) == 5:  # part-way through the first shard
+            raise OSError("disk on fire")
+        return real(self, t)
 
-    monkeypatch.setattr(st, "save_file", boom)
+    real = merge_mod._ShardWriter.write
+    monkeypatch.setattr(merge_mod._ShardWriter, "write", boom)
     with pytest.raises(OSError, match="disk on fire"):
         write_merged(series, [0.5, 0.5], tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
