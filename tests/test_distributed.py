@@ -95,3 +95,16 @@ def test_ddp_loss_and_accuracy_equal_single_process_reference(tiny_run, referenc
     assert 0 < reference["acc"] < 1 and 0 < reference["acc_norm"] < 1
     assert res["best"]["mc_acc"] == pytest.approx(reference["acc"], abs=1e-12)
     assert res["best"]["mc_acc_norm"] == pytest.approx(reference["acc_norm"], abs=1e-12)
+
+
+def test_bad_input_fails_on_rank_zero_before_any_process_group(tiny_run, tmp_path):
+    """A missing column under strategy=ddp: a clear error and exit, not a hang of waiting ranks."""
+    args = [sys.executable, "-m", "lightning_merge", "mode=evaluate", "demo.enabled=false",
+            f"checkpoints.sources=[{tiny_run['ckdir']}]", "checkpoints.last=null", "merge.weights=[0.2,0.3,0.5]",
+            f"data.heldout.path={tiny_run['heldout']}", "data.heldout.text_column=body",
+            "strategy=ddp", "strategy.devices=2", f"output_dir={tmp_path}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2
+    assert "no column 'body'" in proc.stderr and "['text']" in proc.stderr
+    assert "initializing distributed" not in (proc.stdout + proc.stderr).lower()
