@@ -137,7 +137,9 @@ class CausalLMEval(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         ids, valid = batch
         logits = self.model(input_ids=ids).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+        # Shift the labels, not the logits: slicing logits[:, :-1] would copy them (non-contiguous).
+        labels = F.pad(ids[:, 1:], (0, 1), value=-100)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                               reduction="none").view(ids.shape[0], -1)
         per_block = nll.to(torch.float64).sum(dim=1)
         self.metric.update((per_block * valid).sum(), valid.sum() * (ids.shape[1] - 1))
