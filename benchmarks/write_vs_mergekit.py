@@ -262,7 +262,7 @@ def compare_outputs(a: Path, b: Path) -> dict:
 def _mergekit_config(paths: list[Path], weights: list[float]) -> str:
     lines = ["merge_method: linear", "models:"]
     for p, w in zip(paths, weights):
-        lines += [f"  - model: {p}", f"    parameters:", f"      weight: {w}"]
+        lines += [f"  - model: {p}", "    parameters:", f"      weight: {w}"]
     lines += ["parameters:", "  normalize: false", "out_dtype: bfloat16", ""]
     return "\n".join(lines)
 

@@ -22,9 +22,9 @@ from typing import Iterator
 import torch
 
 from .checkpoints import CheckpointError, CheckpointSeries
-from .config import RunConfig, TextSetConf
+from .config import RunConfig
 from .data import evenly_spaced, load_blocks
-from .merge import merge_into, write_merged
+from .merge import write_merged
 from .search import OBJECTIVE, AxSearch, Ledger, PairwiseSpace
 
 __all__ = ["run", "Stages"]
@@ -180,7 +180,7 @@ def run(cfg: RunConfig) -> dict:
                               "set checkpoints.last=2")
 
     with stages("data and model"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
