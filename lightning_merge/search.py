@@ -202,6 +202,3 @@ class Ledger:
         done = self.completed()
         return min(done, key=lambda r: r[OBJECTIVE]) if done else None
 
-
-def weights_label(weights: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{w:.3f}" for w in weights) + "]"
