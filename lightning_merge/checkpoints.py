@@ -104,9 +104,14 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
 
 def _all_finite(t: torch.Tensor) -> bool:
     """True when every element is finite. A sum is non-finite iff some element is (or the sum
-    overflows, then checked element by element): ~20x faster than ``torch.isfinite`` on CPU."""
-    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
-    return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
+    overflows, then checked element by element): ~20x faster than ``torch.isfinite`` on CPU.
+    fp16 sums overflow at 65504, so fp16 uses min/max instead."""
+    if t.numel() == 0:
+        return True
+    if t.dtype == torch.float16:
+        lo, hi = torch.aminmax(t)
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _is_zero_dir(p: Path) -> bool:

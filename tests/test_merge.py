@@ -142,3 +142,40 @@ def test_write_merged_failure_leaves_nothing(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk on fire"):
         write_merged(series, [0.5, 0.5], tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_hot_keeps_negative_zero_bit_exact():
+    a = torch.tensor([-0.0, 1.5, -2.0])
+    b = torch.tensor([3.0, -0.0, 4.0])
+    out = torch.empty(3)
+    merge_into([out], [[a], [b]], [1.0, 0.0])
+    assert torch.equal(out.view(torch.int32), a.view(torch.int32))  # -0.0 stays -0.0
+
+
+def test_bf16_three_sources_round_once_from_fp32():
+    g = torch.Generator().manual_seed(3)
+    srcs = [torch.randn(70_000, generator=g).to(torch.bfloat16) for _ in range(3)]
+    w = [0.2, 0.3, 0.5]
+    out = torch.empty(70_000, dtype=torch.bfloat16)
+    merge_into([out], [[s] for s in srcs], w)
+    ref = sum(wk * s.double() for wk, s in zip(w, srcs))
+    # within one bf16 ulp of the fp64 result (one rounding, not one per term), plus fp32 accumulation
+    # error where the terms cancel to ~0
+    scale = torch.stack([s.double().abs() for s in srcs]).max(0).values
+    tol = torch.finfo(torch.bfloat16).eps * ref.abs() + 1e-6 * scale
+    assert bool(((out.double() - ref).abs() <= tol).all())
+    naive = srcs[0] * w[0] + srcs[1] * w[1] + srcs[2] * w[2]  # bf16 arithmetic: a rounding per step
+    assert not bool(((naive.double() - ref).abs() <= tol).all())
+
+
+def test_fp16_overflow_is_rejected():
+    a = torch.full((4,), 60000.0, dtype=torch.float16)
+    with pytest.raises(MergeError, match="non-finite"):
+        merge_into([torch.empty(4, dtype=torch.float16)], [[a], [a]], [1.0, 1.0])
+
+
+def test_huge_finite_values_whose_sum_overflows_are_accepted():
+    big = torch.full((1000,), 3e38)  # finite, but their sum is not
+    out = torch.empty(1000)
+    merge_into([out], [[big], [big]], [0.5, 0.5])
+    assert torch.equal(out, big)
