@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
@@ -33,6 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
 from lightning_merge.merge import merge_into  # noqa: E402
+
+from _machine import busy_cpu_seconds as _busy_cpu_seconds  # noqa: E402
+from _machine import own_cpu_seconds as _own_cpu_seconds  # noqa: E402
+from _machine import wait_quiet as _wait_quiet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,32 +57,6 @@ def llama_shapes(hidden: int, intermediate: int, kv_hidden: int, vocab: int,
                 (p + "post_attention_layernorm.weight", (hidden,))]
     out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return out
-
-
-def _busy_cpu_seconds() -> float:
-    """CPU seconds all processes on this machine have spent busy (from /proc/stat; 0 if absent)."""
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
-    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def _wait_quiet(limit_s: float, other_max: float = 0.1) -> None:
-    """Wait (up to ``limit_s``) until other processes keep < ``other_max`` CPUs busy for 3 s."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        b0, o0 = _busy_cpu_seconds(), _own_cpu_seconds()
-        time.sleep(3)
-        if (_busy_cpu_seconds() - b0 - (_own_cpu_seconds() - o0)) / 3 < other_max:
-            return
 
 
 def _median_pair(f_base, f_test, warmup: int, repeats: int, sync=lambda: None) -> tuple[float, float]:

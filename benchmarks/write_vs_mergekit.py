@@ -38,6 +38,9 @@ import threading
 import time
 from pathlib import Path
 
+from _machine import busy_cpu_seconds as _busy_cpu_seconds
+from _machine import wait_quiet
+
 REPO = Path(__file__).resolve().parents[1]  # children import lightning_merge from this checkout
 MKVENV = "/tmp/mkvenv"
 INSTALL_HINT = (f"python -m venv {MKVENV} && {MKVENV}/bin/pip install torch==2.13.0 "
@@ -120,16 +123,6 @@ def _status_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def _busy_cpu_seconds() -> float:
-    """CPU seconds all processes on this machine have spent busy (from /proc/stat; 0 if absent)."""
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def run_timed(cmd: list[str], log: Path) -> dict:
     """Run ``cmd`` under ``/usr/bin/time -v``; return wall s, max RSS and sampled RSS split (MiB)."""
     busy0 = _busy_cpu_seconds()
@@ -171,19 +164,6 @@ def run_timed(cmd: list[str], log: Path) -> dict:
     return {"wall": secs, "maxrss": maxrss / 1024, "cpu": user + sys_t,
             "anon": peaks["RssAnon"] / 1024, "file": peaks["RssFile"] / 1024,
             "other": max(busy - user - sys_t, 0.0) / max(secs, 1e-9)}
-
-
-def wait_quiet(limit_s: float, other_max: float = 0.1) -> None:
-    """Wait (up to ``limit_s``) until other processes keep < ``other_max`` CPUs busy for 3 s."""
-    if limit_s <= 0:
-        return
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        b0 = _busy_cpu_seconds()
-        time.sleep(3)
-        if (_busy_cpu_seconds() - b0) / 3 < other_max:
-            return
-    print(f"  (machine still busy after {limit_s:.0f} s; running anyway)")
 
 
 def run_repeated(cmd: list[str], log: Path, repeats: int, before=lambda: None) -> dict:
