@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["ACQUISITIONS", "HedgeState", "GPProposer"]
+__all__ = ["ACQUISITIONS", "HedgeState", "GPProposer", "map_hyperparameters"]
 
 ACQUISITIONS = ("ei", "pi", "ucb", "gp_hedge")
 _PORTFOLIO = ("ei", "pi", "ucb")
@@ -73,15 +73,21 @@ class GPProposer:
         self.candidates = candidates.to(torch.float64)
 
     def _fit(self, X: torch.Tensor, loss: torch.Tensor):
-        from botorch.fit import fit_gpytorch_mll
+        """A ``SingleTaskGP`` (BoTorch defaults) with MAP hyperparameters; see :func:`map_hyperparameters`."""
         from botorch.models import SingleTaskGP
-        from gpytorch.mlls import ExactMarginalLogLikelihood
 
         torch.manual_seed(self.seed)
         model = SingleTaskGP(X, -loss.unsqueeze(-1))  # default: Standardize outcome, unit-cube inputs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+            map_hyperparameters(model, seed=self.seed)
+            if X.shape[-1] > 1:
+                # Beyond one dimension the global search is coarse: polish its optimum with L-BFGS.
+                from botorch.optim.fit import fit_gpytorch_mll_scipy
+                from gpytorch.mlls import ExactMarginalLogLikelihood
+
+                mll = ExactMarginalLogLikelihood(model.likelihood, model).train()
+                fit_gpytorch_mll_scipy(mll)
         return model.eval()
 
     def _acq_values(self, model, name: str, best_f: float) -> torch.Tensor:
@@ -139,3 +145,84 @@ class GPProposer:
         if not all(math.isfinite(x) for x in nominees[chosen]):  # pragma: no cover - defensive
             raise FloatingPointError(f"GP-Hedge nominee is not finite: {nominees}")
         return nominees[chosen], chosen, state
+
+
+def map_hyperparameters(model, seed: int = 0, n_lengthscales: int = 128, n_noise: int = 64) -> float:
+    """Set ``model``'s kernel lengthscales, noise and constant mean to their MAP values; return the MAP / n.
+
+    The objective is exactly what ``fit_gpytorch_mll`` maximises for a
+    ``SingleTaskGP`` with BoTorch's default RBF kernel: the exact marginal
+    log-likelihood of the standardised targets plus the log-densities of the
+    model's own lengthscale and noise priors. It is searched globally instead
+    of by L-BFGS from one start:
+
+    - the constant mean is profiled out in closed form (generalised least squares);
+    - for each candidate lengthscale vector the correlation matrix is
+      eigendecomposed once, ``R = Q diag(l) Q^T``; every noise level ``s`` then
+      costs O(n), since ``(R + s I)^-1 = Q diag(1 / (l + s)) Q^T``;
+    - candidates are a log-spaced grid (1-D) or scrambled Sobol points, inside
+      the model's constraints, then a finer set around the best one.
+
+    For the tens of points and one to a few dimensions of a merge search this
+    reaches the optimum that L-BFGS finds (or a better one, which L-BFGS misses
+    from its single start) in a few milliseconds instead of ~50 ms, which keeps
+    the per-trial overhead small next to one evaluation, and a singular kernel
+    cannot make it raise.
+    """
+    X = model.train_inputs[0].to(torch.float64)
+    y = model.train_targets.to(torch.float64)
+    n, dim = X.shape
+    cov, noise_covar = model.covar_module, model.likelihood.noise_covar
+    lo_ls = math.log(float(cov.raw_lengthscale_constraint.lower_bound) + 1e-9)
+    lo_s = math.log(float(noise_covar.raw_noise_constraint.lower_bound) + 1e-12)
+    hi_ls, hi_s = math.log(20.0), math.log(2.0)
+    sq = (X.unsqueeze(1) - X.unsqueeze(0)) ** 2  # [n, n, dim]
+    ones = torch.ones(n, dtype=torch.float64)
+
+    def score(log_ls: torch.Tensor, log_s: torch.Tensor):
+        """MAP objective for every (lengthscale row, noise) pair: [L, S] values and GLS constants."""
+        ls = log_ls.exp()
+        R = torch.exp(-0.5 * (sq.unsqueeze(0) / ls[:, None, None, :] ** 2).sum(-1))
+        lam, Q = torch.linalg.eigh(R)  # [L, n], [L, n, n]
+        lam = lam.clamp_min(0.0)
+        a, b = Q.transpose(1, 2) @ y, Q.transpose(1, 2) @ ones  # [L, n]
+        inv = 1.0 / (lam.unsqueeze(1) + log_s.exp().view(1, -1, 1))  # [L, S, n]
+        yKy, oKy, oKo = ((a * a).unsqueeze(1) * inv).sum(-1), ((a * b).unsqueeze(1) * inv).sum(-1), \
+            ((b * b).unsqueeze(1) * inv).sum(-1)
+        c = oKy / oKo
+        quad = yKy - 2 * c * oKy + c * c * oKo
+        logdet = -torch.log(inv).sum(-1)
+        mll = -0.5 * (quad + logdet + n * math.log(2 * math.pi))
+        prior = cov.lengthscale_prior.log_prob(ls).sum(-1, keepdim=True) \
+            + noise_covar.noise_prior.log_prob(log_s.exp()).view(1, -1)
+        return torch.nan_to_num(mll + prior, nan=-math.inf), c
+
+    def candidates(lo: torch.Tensor, hi: torch.Tensor, count: int, offset: int) -> torch.Tensor:
+        if dim == 1:
+            return torch.linspace(float(lo[0]), float(hi[0]), count, dtype=torch.float64).unsqueeze(-1)
+        u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed + offset).draw(count, dtype=torch.float64)
+        return lo + (hi - lo) * u
+
+    with torch.no_grad():
+        box_lo, box_hi = torch.full((dim,), lo_ls, dtype=torch.float64), torch.full((dim,), hi_ls, dtype=torch.float64)
+        log_ls = candidates(box_lo, box_hi, n_lengthscales, 0)
+        log_s = torch.linspace(lo_s, hi_s, n_noise, dtype=torch.float64)
+        val, c = score(log_ls, log_s)
+        i, j = divmod(int(val.argmax()), len(log_s))
+        # Refine around the best: a few coarse spacings either side, in every coordinate.
+        step_ls = (hi_ls - lo_ls) * (3.0 if dim == 1 else 1.0) / n_lengthscales ** (1.0 / dim)
+        step_s = 3.0 * (hi_s - lo_s) / n_noise
+        fine_ls = candidates(torch.maximum(log_ls[i] - step_ls, box_lo), torch.minimum(log_ls[i] + step_ls, box_hi),
+                             n_lengthscales // 2, 1)
+        fine_ls = torch.cat([log_ls[i:i + 1], fine_ls])
+        fine_s = torch.linspace(max(lo_s, float(log_s[j]) - step_s), min(hi_s, float(log_s[j]) + step_s), n_noise,
+                                dtype=torch.float64)
+        val, c = score(fine_ls, fine_s)
+        i, j = divmod(int(val.argmax()), len(fine_s))
+    best = float(val[i, j])
+    if not math.isfinite(best):  # pragma: no cover - every candidate degenerate
+        raise FloatingPointError("GP hyperparameters: no candidate gave a finite marginal likelihood")
+    cov.lengthscale = fine_ls[i].exp().view_as(cov.lengthscale)
+    noise_covar.noise = fine_s[j].exp().view(1)
+    model.mean_module.constant = c[i, j].view_as(model.mean_module.constant)
+    return best / n
