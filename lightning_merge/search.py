@@ -1,16 +1,22 @@
-"""Search spaces, the Ax-backed optimizers, and the trial ledger.
-
-Every optimizer records its trials in one Ax experiment (``attach_trial`` for
-points it chooses itself, ``get_next_trials`` for points Ax's generator
-chooses), so reports and snapshots look the same whichever produced a point.
+"""The optimizers: every one records its trials in one Ax experiment, and a search resumes from its ledger.
 
 ``paper`` follows Algorithm 1 of Liu et al. (arXiv 2403.19390): the first two
-evaluations are ``lam = alpha`` and ``lam = 1``; every later ``lam`` comes from
-a GP surrogate with the configured acquisition (EI, PI, UCB or GP-Hedge over
-the three; see ``bo.py``), and is attached to the Ax experiment. ``ax`` is the
-Ax ``Client`` default (Sobol initial points, then its BoTorch GP). ``grid``
-walks evenly spaced points; ``random`` draws quasi-random (scrambled Sobol)
-points. The objective is minimised.
+trials are the space's initial points (``lam = alpha`` and ``lam = 1``), and
+every later one comes from a GP surrogate with the configured acquisition (EI,
+PI, UCB or GP-Hedge over the three; see ``bo.py``). Its points, and the
+baselines', are attached to the Ax experiment (``attach_trial``). ``ax`` is the
+Ax ``Client`` default (a centre point and Sobol, then its BoTorch GP).
+``grid`` walks evenly spaced points (quasi-random ones on a simplex);
+``random`` lets Ax draw uniformly. The objective is minimised.
+
+Ax bookkeeping is off the critical path. Ax's ``complete_trial`` and the JSON
+snapshot cost tens of milliseconds a trial and grow with the experiment, while
+the paper optimizer needs nothing from Ax to propose. So the Ax calls run in
+order on one background thread (:class:`_Bookkeeper`) while the next
+evaluation runs; trial indices are assigned here and checked against Ax's.
+Only ``ax`` and ``random``, which ask Ax itself, wait for it first. The
+fsync'd ledger is written synchronously by the driver before any of this, so
+a kill loses at most the trial in flight (see ``ledger.py``).
 
 Knows nothing of Lightning or ranks: the driver calls it on rank 0 only.
 """
@@ -18,20 +24,21 @@ Knows nothing of Lightning or ranks: the driver calls it on rank 0 only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .config import SearchConf
-from .io import append_jsonl, read_jsonl
+from .ledger import OBJECTIVE, Ledger
 
-__all__ = ["Proposal", "PairwiseSpace", "AxSearch", "Ledger", "OBJECTIVE"]
+__all__ = ["Proposal", "AxSearch", "OBJECTIVE"]
 
 log = logging.getLogger(__name__)
-OBJECTIVE = "objective"  # the minimised value: held-out loss, or 1 - accuracy
+DIED = "the process died while this trial was running; it is evaluated again"
 
 
 @dataclass
@@ -41,40 +48,8 @@ class Proposal:
     index: int
     params: dict[str, float]
     weights: list[float]
-    origin: str  # "init", "grid", "random", "ax", or the acquisition: "ei", "pi", "ucb"
+    origin: str  # "init", "grid", "random", "ax", "baseline:<name>", or the acquisition: "ei", "pi", "ucb"
     state: dict | None = None  # optimizer state to keep with the trial (GP-Hedge gains)
-
-
-@dataclass
-class PairwiseSpace:
-    """The paper's space: ``lam`` in ``[alpha, 1]`` weights the newer of two checkpoints.
-
-    Weights are returned in source order (older first): ``[1 - lam, lam]``.
-    """
-
-    alpha: float
-
-    def parameters(self):
-        from ax import RangeParameterConfig
-
-        return [RangeParameterConfig(name="lam", parameter_type="float", bounds=(self.alpha, 1.0))]
-
-    def weights(self, params: dict[str, float]) -> list[float]:
-        lam = float(params["lam"])
-        return [1.0 - lam, lam]
-
-    def params(self, lam: float) -> dict[str, float]:
-        return {"lam": float(lam)}
-
-    dim = 1
-
-    def to_unit(self, params: dict[str, float]) -> list[float]:
-        """The point in ``[0, 1]`` the GP sees (``lam`` rescaled from ``[alpha, 1]``)."""
-        span = 1.0 - self.alpha
-        return [(float(params["lam"]) - self.alpha) / span if span > 0 else 0.0]
-
-    def from_unit(self, x: list[float]) -> dict[str, float]:
-        return self.params(min(1.0, max(self.alpha, self.alpha + x[0] * (1.0 - self.alpha))))
 
 
 def _quiet_ax() -> None:
@@ -87,118 +62,250 @@ def _quiet_ax() -> None:
     warnings.filterwarnings("ignore", message=".*Optimization failed.*")
 
 
+class _Bookkeeper:
+    """Runs Ax client calls in order on one background thread; re-raises their errors.
+
+    Calls are first deferred, then started by :meth:`kick` once the next
+    proposal is ready, so the Python-heavy Ax work overlaps the next
+    evaluation instead of competing with the proposal for the GIL.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ax-bookkeeping")
+        self._pending: list[Future] = []
+        self._deferred: list[tuple] = []
+
+    def defer(self, fn, *args, **kwargs) -> None:
+        self._deferred.append((fn, args, kwargs))
+
+    def kick(self) -> None:
+        self._raise_done()
+        for fn, args, kwargs in self._deferred:
+            self._pending.append(self._pool.submit(fn, *args, **kwargs))
+        self._deferred = []
+
+    def _raise_done(self) -> None:
+        still = []
+        for f in self._pending:
+            if f.done():
+                f.result()  # re-raises an Ax error here, on the caller's thread
+            else:
+                still.append(f)
+        self._pending = still
+
+    def wait(self) -> None:
+        self.kick()
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class AxSearch:
     """An Ax ``Client`` plus the optimizer's own points (see the module docstring)."""
 
-    def __init__(self, conf: SearchConf, space: PairwiseSpace, name: str = "merge") -> None:
+    def __init__(self, conf: SearchConf, space, name: str = "merge") -> None:
         from ax import Client
 
         _quiet_ax()
-        self.conf = conf
-        self.space = space
+        self.conf, self.space = conf, space
         self.client = Client(random_seed=conf.seed)
-        self.client.configure_experiment(parameters=space.parameters(), name=name)
+        self.client.configure_experiment(parameters=space.parameters(),
+                                         parameter_constraints=space.constraints() or None, name=name)
         self.client.configure_optimization(objective=f"-{OBJECTIVE}")
+        self._book = _Bookkeeper()
+        self._next = 0
         self._queue: list[tuple[dict[str, float], str]] = []
-        self._proposer = None
         self._params: dict[int, dict[str, float]] = {}
         self._observed: list[tuple[list[float], float]] = []
-        self.hedge = None
+        self._proposer = None
+        self.hedge: dict | None = None
         if conf.name == "paper":
             from .bo import GPProposer
 
             self._proposer = GPProposer(space.dim, conf.acquisition, seed=conf.seed)
-            self._queue = [(space.params(space.alpha), "init"), (space.params(1.0), "init")]
+            self._proposer.set_candidates(space.candidates(2001 if space.dim == 1 else 4096, conf.seed))
+            self._queue = [(p, "init") for p in space.initial()]
         elif conf.name == "ax":
             self.client.configure_generation_strategy(method="fast", initialization_random_seed=conf.seed)
         elif conf.name == "grid":
-            n = conf.trials
-            self._queue = [(space.params(space.alpha + (1.0 - space.alpha) * i / (n - 1)), "grid")
-                           for i in range(n)]
+            self._queue = [(p, "grid") for p in space.grid(conf.trials)]
         elif conf.name == "random":
-            self.client.configure_generation_strategy(
-                method="random_search", initialization_random_seed=conf.seed)
+            self.client.configure_generation_strategy(method="random_search",
+                                                      initialization_random_seed=conf.seed)
         else:  # pragma: no cover - SearchConf rejects other names
             raise ValueError(f"unknown search.name {conf.name!r}")
 
+    # --- proposing -----------------------------------------------------------------------
     def ask(self) -> Proposal:
-        """The next trial; it is RUNNING in the Ax experiment when this returns."""
+        """The next trial to evaluate (attached to the Ax experiment as RUNNING)."""
         state = None
         if self._queue:
             params, origin = self._queue.pop(0)
-            index = self.client.attach_trial(params)
         elif self._proposer is not None:
             if len(self._observed) < 2:
-                raise RuntimeError("the paper optimizer needs the two initial points observed first")
+                raise RuntimeError("the paper optimizer needs two observed points before the GP proposes")
             import torch
 
             from .bo import HedgeState
 
-            X = torch.tensor([x for x, _ in self._observed])
-            y = torch.tensor([v for _, v in self._observed])
+            X = torch.tensor([x for x, _ in self._observed], dtype=torch.float64)
+            y = torch.tensor([v for _, v in self._observed], dtype=torch.float64)
             x, origin, hedge = self._proposer.propose(X, y, step=len(self._observed),
                                                      state=HedgeState.from_dict(self.hedge))
             self.hedge = hedge.to_dict()
             state = {"hedge": self.hedge} if self.conf.acquisition == "gp_hedge" else None
             params = self.space.from_unit(x)
-            index = self.client.attach_trial(params)
         else:
+            self._book.wait()  # Ax itself proposes: it must have seen every result first
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ((index, params),) = self.client.get_next_trials(max_trials=1).items()
-            origin = "random" if self.conf.name == "random" else "ax"
-        params = {k: float(v) for k, v in params.items()}
-        self._params[index] = params
-        return Proposal(index=index, params=params, weights=self.space.weights(params), origin=origin,
-                        state=state)
+            if index != self._next:
+                raise RuntimeError(f"Ax numbered a trial {index}, expected {self._next}")
+            self._next = index + 1
+            params = {k: float(v) for k, v in params.items()}
+            self._params[index] = params
+            return Proposal(index, params, self.space.weights(params), "random" if self.conf.name == "random" else "ax")
+        return self.attach(params, origin, state)
 
+    def attach(self, params: dict[str, float], origin: str, state: dict | None = None) -> Proposal:
+        """Record a point chosen here (an initial point, a GP proposal or a baseline) as the next trial."""
+        params = {k: float(v) for k, v in params.items()}
+        index = self._next
+        self._next += 1
+        self._params[index] = params
+        self._book.defer(self._attach_now, params, index)
+        self._book.kick()  # the proposal is made: Ax catches up while the trial is evaluated
+        return Proposal(index, params, self.space.weights(params), origin, state)
+
+    def _attach_now(self, params: dict[str, float], expect: int) -> None:
+        index = self.client.attach_trial(params)
+        if index != expect:
+            raise RuntimeError(f"Ax numbered an attached trial {index}, expected {expect}")
+
+    def warm_up(self) -> None:
+        """Import and run the surrogate once on dummy data, so the first real proposal is not slow."""
+        if self._proposer is not None:
+            import torch
+
+            X = torch.tensor([[0.0] * self.space.dim, [1.0] * self.space.dim], dtype=torch.float64)
+            self._proposer.propose(X, torch.tensor([1.0, 0.0], dtype=torch.float64), step=0)
+
+    # --- results -------------------------------------------------------------------------
     def tell(self, index: int, loss: float) -> None:
-        """Complete a trial with its (finite) loss."""
-        self.client.complete_trial(index, raw_data={OBJECTIVE: float(loss)})
+        """Complete a trial with its finite loss (Ax is told in the background)."""
+        if not math.isfinite(loss):
+            raise ValueError(f"trial {index}: a non-finite loss ({loss}) is never given to Ax; use fail()")
         self._observed.append((self.space.to_unit(self._params[index]), float(loss)))
+        self._book.defer(self.client.complete_trial, index, raw_data={OBJECTIVE: float(loss)})
 
     def fail(self, index: int, reason: str) -> None:
         """Mark a trial failed; its loss is never given to the surrogate."""
-        self.client.mark_trial_failed(index, failed_reason=reason)
+        self._book.defer(self.client.mark_trial_failed, index, failed_reason=reason)
 
     def save(self, path: str | Path) -> None:
-        """Snapshot the Ax client atomically (temp file, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            self.client.save_to_json_file(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Snapshot the Ax client atomically, after every call submitted so far."""
+        self._book.defer(_save_client, self.client, Path(path))
 
+    def flush(self) -> None:
+        """Wait until Ax has every result and the last snapshot is on disk."""
+        self._book.wait()
 
-@dataclass
-class Ledger:
-    """``trials.jsonl``: one fsync'd line per status change of a trial; the last line wins."""
+    def close(self) -> None:
+        self._book.close()
 
-    path: Path
-    records: dict[int, dict] = field(default_factory=dict)
+    def statuses(self) -> dict[int, str]:
+        """Ax's status of every trial (``COMPLETED``, ``FAILED``, ``RUNNING``), after a flush."""
+        self.flush()
+        df = self.client.summarize()
+        if len(df) == 0:
+            return {}
+        return {int(i): str(s) for i, s in zip(df["trial_index"], df["trial_status"])}
 
+    # --- resume --------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> "Ledger":
-        led = cls(Path(path))
-        for rec in read_jsonl(led.path):
-            led.records[int(rec["trial"])] = rec
-        return led
+    def restore(cls, conf: SearchConf, space, name: str, ledger: Ledger, snapshot: Path) -> "AxSearch":
+        """A search that continues the one in ``ledger`` (and ``snapshot``, when it can be read).
 
-    def write(self, record: dict) -> dict:
-        append_jsonl(self.path, record)
-        self.records[int(record["trial"])] = record
-        return record
+        The ledger wins: a trial the snapshot lacks is attached again; a trial
+        the ledger completed is completed in Ax with the ledger's value (never
+        re-evaluated); a trial that was running when the process died is
+        marked failed, in Ax and in the ledger, and its point is queued to be
+        evaluated again. Initial and grid points already tried are not queued.
+        """
+        s = cls(conf, space, name)
+        status: dict[int, str] = {}
+        if snapshot.exists():
+            try:
+                from ax import Client
 
-    def completed(self) -> list[dict]:
-        return [r for _, r in sorted(self.records.items()) if r["status"] == "completed"]
+                client = Client.load_from_json_file(str(snapshot))
+                df = client.summarize()
+                status = {int(i): str(st) for i, st in zip(df["trial_index"], df["trial_status"])} if len(df) else {}
+                s.client = client
+            except Exception as e:  # noqa: BLE001 - a stale snapshot only costs the Ax generator's memory
+                log.warning("could not load %s (%s); rebuilding the Ax experiment from %s", snapshot, e, ledger.path)
+                status = {}
+        rerun: list[tuple[dict[str, float], str]] = []
+        tried: list[tuple[dict[str, float], str]] = []
+        for rec in ledger.ordered():
+            idx, params = int(rec["trial"]), {k: float(v) for k, v in rec["params"].items()}
+            if idx not in status:
+                got = s.client.attach_trial(params)
+                if got != idx:
+                    raise RuntimeError(f"{ledger.path}: trial {idx} became Ax trial {got}; the ledger has a gap")
+                status[idx] = "RUNNING"
+            s._params[idx] = params
+            if rec["status"] == "completed":
+                if status[idx] != "COMPLETED":
+                    s.client.complete_trial(idx, raw_data={OBJECTIVE: float(rec[OBJECTIVE])})
+                s._observed.append((space.to_unit(params), float(rec[OBJECTIVE])))
+                if rec.get("state") and rec["state"].get("hedge"):
+                    s.hedge = rec["state"]["hedge"]
+                tried.append((params, rec.get("origin", "")))
+            elif rec["status"] == "failed":
+                if status[idx] == "RUNNING":
+                    s.client.mark_trial_failed(idx, failed_reason=str(rec.get("reason", "failed")))
+                if rec.get("reason") != DIED:
+                    tried.append((params, rec.get("origin", "")))
+                elif not any(int(r["trial"]) > idx and r["params"] == rec["params"] for r in ledger.ordered()):
+                    rerun.append((params, rec.get("origin", "")))  # died, and a crash came before its re-run
+            else:  # running when the process died
+                if status[idx] == "RUNNING":
+                    s.client.mark_trial_failed(idx, failed_reason=DIED)
+                ledger.write({**rec, "status": "failed", "reason": DIED})
+                if not str(rec.get("origin", "")).startswith("baseline:"):
+                    rerun.append((params, rec.get("origin", "")))
+                log.warning("trial %d was running when the process died: marked failed, evaluated again", idx)
+            status[idx] = "DONE"
+        for idx, st in status.items():
+            if st == "RUNNING":  # in the snapshot but never in the ledger: its result cannot be known
+                s.client.mark_trial_failed(idx, failed_reason="not in the ledger")
+        s._next = max(status) + 1 if status else 0
 
-    def best(self) -> dict | None:
-        done = self.completed()
-        return min(done, key=lambda r: r[OBJECTIVE]) if done else None
+        def among(p: dict[str, float], origin: str, pool) -> bool:
+            return any(o == origin and all(abs(q[k] - p[k]) < 1e-12 for k in p) for q, o in pool)
 
+        s._queue = rerun + [(p, o) for p, o in s._queue if not among(p, o, tried) and not among(p, o, rerun)]
+        log.info("resumed %d trials from %s (%d completed, %d to re-run)", len(ledger.records), ledger.path,
+                 len(s._observed), len(rerun))
+        return s
+
+
+def _save_client(client, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        client.save_to_json_file(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,273 @@
+"""The search stage: baselines, then the trial loop, the same on every rank.
+
+Rank 0 decides (what to evaluate, whether a result can be reused, when to
+stop) and broadcasts the decision; every rank then makes the same collective
+calls in the same order, so ranks can never disagree on how many evaluations
+run. Reuse is exact: evaluation is deterministic, so weights already
+evaluated on the same blocks (earlier in this run, or in the ledger of a run
+being resumed) are not evaluated again.
+
+Order of writes in a trial (rank 0): the ledger's ``running`` line (fsync'd),
+the evaluation, the ledger's ``completed`` or ``failed`` line (fsync'd), then
+Ax's bookkeeping and the snapshot (background, see ``search.py``), then the
+report. A kill anywhere loses at most the trial in flight.
+
+Stopping (rank 0, at trial boundaries only): the trial budget, the wall-time
+budget, the plateau rule, too many failures in a row, or a preemption signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .baselines import greedy_soup, schedules
+from .io import append_jsonl, read_jsonl
+from .ledger import OBJECTIVE, Ledger
+
+__all__ = ["SearchLoop"]
+
+log = logging.getLogger(__name__)
+
+
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def _fault_point(point: str) -> None:
+    """Test hook: ``LIGHTNING_MERGE_KILL_AT=point:n`` SIGKILLs this process the n-th time it passes ``point``.
+
+    The kill test (tests/test_resume.py) uses it to die at exact moments of a
+    trial (``running``: after the ledger's running line; ``evaluated``: with the
+    result computed but not yet recorded; ``completed``: recorded in the ledger
+    but not yet told to Ax or snapshotted). Unset, it costs one dict lookup.
+    """
+    spec = os.environ.get("LIGHTNING_MERGE_KILL_AT")
+    if not spec:
+        return
+    where, _, n = spec.partition(":")
+    if where == point:
+        _KILL_COUNTS[point] = _KILL_COUNTS.get(point, 0) + 1
+        if _KILL_COUNTS[point] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _key(weights) -> tuple:
+    return tuple(round(float(w), 12) for w in weights)
+
+
+@dataclass
+class SearchLoop:
+    """Runs baselines and trials; ``search``/``ledger`` are set on rank 0 only (None elsewhere)."""
+
+    cfg: Any  # RunConfig
+    evaluator: Any  # evaluate.Evaluator (broadcast, merge_seconds, on_batch)
+    objective: Callable[[list[float]], tuple[float, dict]]
+    full_eval: Callable[[list[float]], dict]
+    out: Path
+    space: Any
+    search: Any = None
+    ledger: Ledger | None = None
+    on_trial: Callable[[], None] | None = None
+    bar: Any = None  # report._Bar
+    preempt: Any = None  # slurm.Preemption (flag only)
+    stop_reason: str | None = None
+    _cache: dict[tuple, tuple[float, dict]] = field(default_factory=dict)
+    _failures: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ledger is not None:
+            for rec in self.ledger.completed():
+                self._cache[_key(rec["weights"])] = (rec[OBJECTIVE], _metrics(rec))
+
+    @property
+    def is_zero(self) -> bool:
+        return self.search is not None
+
+    # --- one evaluation of the objective, shared by trials and off-space baselines ---------
+    def _objective_shared(self, weights: list[float], reuse: tuple | None) -> tuple[float, dict, bool]:
+        """Every rank: the objective of ``weights``, or rank 0's cached value when it sent one."""
+        if reuse is not None:
+            return float(reuse[0]), dict(reuse[1]), True
+        value, metrics = self.objective(weights)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite objective {value}")
+        self._cache[_key(weights)] = (value, metrics)
+        return value, metrics, False
+
+    def evaluate_off_space(self, weights: list[float]) -> float:
+        """Every rank: the objective of weights outside the search space (not an Ax trial)."""
+        reuse = self.evaluator.broadcast(self._cache.get(_key(weights)) if self.is_zero else None)
+        return self._objective_shared(weights, reuse)[0]
+
+    # --- one trial -------------------------------------------------------------------------
+    def _run_trial(self, msg: dict) -> dict | None:
+        """Every rank: evaluate the broadcast trial; rank 0 records it. Returns the ledger record (rank 0)."""
+        t0 = time.perf_counter()
+        if self.ledger is not None:
+            self.ledger.write({"trial": msg["index"], "status": "running", "weights": msg["weights"],
+                               "params": msg["params"], "origin": msg["origin"]})
+            _fault_point("running")
+        try:
+            value, metrics, reused = self._objective_shared(msg["weights"], msg.get("reuse"))
+        except (FloatingPointError, ValueError, RuntimeError) as e:
+            self._failures += 1
+            if self.is_zero:
+                log.warning("trial %d failed: %s", msg["index"], e)
+                self.search.fail(msg["index"], str(e))
+                self.ledger.write({"trial": msg["index"], "status": "failed", "weights": msg["weights"],
+                                   "params": msg["params"], "origin": msg["origin"], "reason": str(e),
+                                   "seconds": time.perf_counter() - t0})
+                self.search.save(self.out / "ax_snapshot.json")
+            return None
+        self._failures = 0
+        if not self.is_zero:
+            return None
+        _fault_point("evaluated")
+        merge_s = self.evaluator.merge_seconds if not reused else 0.0
+        timing = {"ask_s": msg.get("ask_s", 0.0), "merge_s": merge_s,
+                  "eval_s": 0.0 if reused else time.perf_counter() - t0 - merge_s}
+        rec = self.ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
+                                 "params": msg["params"], "origin": msg["origin"], "state": msg.get("state"),
+                                 OBJECTIVE: value, **metrics, "reused": reused,
+                                 "seconds": time.perf_counter() - t0 + msg.get("ask_s", 0.0),
+                                 **{k: round(v, 5) for k, v in timing.items()}})
+        _fault_point("completed")
+        self.search.tell(msg["index"], value)
+        self.search.save(self.out / "ax_snapshot.json")
+        if self.bar is not None:
+            self.bar.advance(rec, self.ledger.best(), search=not str(msg["origin"]).startswith("baseline:"))
+        if self.on_trial is not None:
+            self.on_trial()
+        return rec
+
+    def _message(self, prop, ask_s: float = 0.0) -> dict:
+        return {"index": prop.index, "weights": prop.weights, "params": prop.params, "origin": prop.origin,
+                "state": prop.state, "ask_s": ask_s, "reuse": self._cache.get(_key(prop.weights))}
+
+    def trial_for(self, weights: list[float], origin: str) -> float | None:
+        """Every rank: record ``weights`` as a trial when they lie in the space (else evaluate off-space).
+
+        Returns the objective, or None if the evaluation failed. Weights the
+        ledger already holds as a completed trial are not recorded again.
+        """
+        in_space = self.space.params_for(weights) is not None and self.cfg.baselines.as_trials
+        msg = None
+        if self.is_zero:
+            done = [r for r in self.ledger.completed() if _key(r["weights"]) == _key(weights)]
+            if done:
+                msg = {"done": done[0][OBJECTIVE]}
+            elif in_space:
+                msg = self._message(self.search.attach(self.space.params_for(weights), origin))
+            else:
+                msg = {"off_space": True}
+        msg = self.evaluator.broadcast(msg)
+        if "done" in msg:
+            return float(msg["done"])
+        if msg.get("off_space"):
+            try:
+                return self.evaluate_off_space(weights)
+            except (FloatingPointError, ValueError, RuntimeError) as e:
+                log.warning("baseline %s failed: %s", origin, e)
+                return None
+        rec = self._run_trial(msg)
+        if self.is_zero:
+            value = rec[OBJECTIVE] if rec is not None else None
+        else:
+            value = None
+        return self.evaluator.broadcast(value)
+
+    # --- baselines -------------------------------------------------------------------------
+    def baselines(self, names: list[str]) -> list[dict]:
+        """Every rank: each single checkpoint and each baseline, fully evaluated, as report candidates.
+
+        ``names``: the checkpoint names, oldest first. Full evaluations (report
+        set, out-of-domain, multiple choice) are kept in ``candidates.jsonl`` so
+        a resumed run does not repeat them.
+        """
+        k = len(names)
+        conf = self.cfg.baselines
+        specs = [(n, "checkpoint", [1.0 if j == i else 0.0 for j in range(k)]) for i, n in enumerate(names)]
+        if conf.enabled:
+            specs += [(n, "baseline", w) for n, w in schedules(k, conf.lawa_k, conf.ema_alpha)]
+        done = {}
+        if self.is_zero:
+            for rec in read_jsonl(self.out / "candidates.jsonl"):
+                done[(rec["name"], _key(rec["weights"]))] = rec
+        single_obj = []
+        cands = []
+        for name, kind, w in specs:
+            value = self.trial_for(w, f"baseline:{name}")
+            if kind == "checkpoint":
+                single_obj.append(value if value is not None else math.inf)
+            cands.append(self._candidate(name, kind, w, done))
+        if conf.enabled and conf.greedy_soup and k > 1:
+            soup, _ = greedy_soup(single_obj, lambda w: self._soup_value(w))
+            cands.append(self._candidate("greedy soup", "baseline", soup, done))
+        return cands
+
+    def _soup_value(self, w: list[float]) -> float:
+        v = self.trial_for(w, "baseline:greedy soup step")
+        return v if v is not None else math.inf
+
+    def _candidate(self, name: str, kind: str, weights: list[float], done: dict) -> dict:
+        cached = self.evaluator.broadcast(done.get((name, _key(weights))) if self.is_zero else None)
+        if cached is not None:
+            return cached
+        rec = {"name": name, "kind": kind, "weights": list(weights), **self.full_eval(weights)}
+        if self.is_zero:
+            append_jsonl(self.out / "candidates.jsonl", rec)
+        return rec
+
+    # --- the search ------------------------------------------------------------------------
+    def _should_stop(self, started: float, preempted: bool) -> str | None:
+        conf = self.cfg.search
+        if preempted:
+            return f"preempted ({self.preempt.signal_name or 'signal on another rank'})"
+        done = self.ledger.search_trials()
+        if len(done) >= conf.trials:
+            return f"trial budget reached ({conf.trials})"
+        if conf.max_seconds is not None and time.perf_counter() - started >= conf.max_seconds:
+            return f"wall-time budget reached ({conf.max_seconds:g}s)"
+        if self._failures >= conf.max_failures:
+            return f"{self._failures} trials failed in a row (search.max_failures)"
+        n = conf.plateau_trials
+        if n is not None and len(done) >= n + 2:
+            objs = [r[OBJECTIVE] for r in self.ledger.completed()]
+            recent = {r["trial"] for r in done[-n:]}
+            before = [r[OBJECTIVE] for r in self.ledger.completed() if r["trial"] not in recent]
+            if before and min(before) - min(objs) <= conf.plateau_tol * abs(min(before)):
+                return f"plateau: no improvement above {conf.plateau_tol:g} (relative) in the last {n} trials"
+        return None
+
+    def run(self) -> str:
+        """Every rank: trials until rank 0 says stop; returns the reason."""
+        started = time.perf_counter()
+        while True:
+            msg = None
+            # Every rank votes: SLURM signals every task, but a signal may reach some nodes first.
+            preempted = self.preempt is not None and self.evaluator.any_rank(self.preempt.requested)
+            if self.is_zero:
+                reason = self._should_stop(started, preempted)
+                if reason is None:
+                    t = time.perf_counter()
+                    prop = self.search.ask()
+                    msg = self._message(prop, time.perf_counter() - t)
+                else:
+                    msg = {"stop": reason}
+            msg = self.evaluator.broadcast(msg)
+            if "stop" in msg:
+                self.stop_reason = msg["stop"]
+                log.info("search stops: %s", msg["stop"])
+                return msg["stop"]
+            self._run_trial(msg)
+
+
+def _metrics(rec: dict) -> dict:
+    """The metric fields of a ledger record (what the objective returned besides its value)."""
+    return {k: v for k, v in rec.items() if k in ("heldout_loss", "tokens") or k.startswith("mc_")}

@@ -1,0 +1,205 @@
+"""Search spaces: how a point the optimizer sees becomes one merge weight per checkpoint.
+
+``pairwise`` is the paper's space (arXiv 2403.19390): ``lam`` in ``[alpha, 1]``
+weights the newer of two checkpoints, ``merged = lam * newer + (1 - lam) * older``.
+
+``simplex`` goes beyond the paper: weights over K checkpoints that sum to 1,
+non-negative by default (``min_weight < 0`` allows extrapolation). It can be
+given to Ax in two ways (``parameterization``):
+
+- ``constrained``: K-1 free weights ``w0..w{K-2}`` in ``[min_weight, 1 - (K-1) min_weight]``
+  with the linear constraints ``1 - hi <= sum <= 1 - min_weight``; the last weight
+  is ``1 - sum``. Every point of the simplex has exactly one parameter vector.
+- ``normalized``: K values ``x0..x{K-1}`` in ``[0, 1]``, weights ``x / sum(x)``.
+  No constraint, but a ray of parameter vectors maps to one merge, so the GP
+  sees a flat direction, and the corners (one-hot merges) are a thin slice.
+
+Measured with ``benchmarks/search_efficiency.py`` on the demo trajectory
+(K=4, 5 seeds): see that script's printout and ``benchmarks/README.md``;
+``constrained`` is the default because it reached the better merges for the
+same number of evaluations at a similar Ax cost per trial, and it is the only
+one that allows negative weights.
+
+Pure: no Ax objects are kept here, only the parameter configs it asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["PairwiseSpace", "SimplexSpace", "make_space"]
+
+
+@dataclass
+class PairwiseSpace:
+    """``lam`` in ``[alpha, 1]`` on the newer checkpoint of ``pair`` (indices into the K sources)."""
+
+    alpha: float
+    k: int = 2
+    pair: tuple[int, int] = (0, 1)
+    name = "pairwise"
+    dim = 1
+
+    def __post_init__(self) -> None:
+        i, j = self.pair
+        if not (0 <= i < j < self.k):
+            raise ValueError(f"search.pair={list(self.pair)}: need two indices older < newer in [0, {self.k})")
+
+    def parameters(self):
+        from ax import RangeParameterConfig
+
+        return [RangeParameterConfig(name="lam", parameter_type="float", bounds=(self.alpha, 1.0))]
+
+    def constraints(self) -> list[str]:
+        return []
+
+    def weights(self, params: dict[str, float]) -> list[float]:
+        lam = float(params["lam"])
+        w = [0.0] * self.k
+        w[self.pair[0]], w[self.pair[1]] = 1.0 - lam, lam
+        return w
+
+    def params(self, lam: float) -> dict[str, float]:
+        return {"lam": float(lam)}
+
+    def params_for(self, weights: Sequence[float], tol: float = 1e-9) -> dict[str, float] | None:
+        """The point giving these weights, or None when they lie outside the space."""
+        i, j = self.pair
+        if any(abs(w) > tol for n, w in enumerate(weights) if n not in (i, j)):
+            return None
+        if abs(weights[i] + weights[j] - 1.0) > 1e-6:
+            return None
+        lam = float(weights[j])
+        return self.params(lam) if self.alpha - tol <= lam <= 1.0 + tol else None
+
+    def initial(self) -> list[dict[str, float]]:
+        """Algorithm 1's two starting points: ``lam = alpha`` and ``lam = 1``."""
+        return [self.params(self.alpha), self.params(1.0)]
+
+    def grid(self, n: int) -> list[dict[str, float]]:
+        return [self.params(self.alpha + (1.0 - self.alpha) * i / max(n - 1, 1)) for i in range(n)]
+
+    def to_unit(self, params: dict[str, float]) -> list[float]:
+        span = 1.0 - self.alpha
+        return [(float(params["lam"]) - self.alpha) / span if span > 0 else 0.0]
+
+    def from_unit(self, x: Sequence[float]) -> dict[str, float]:
+        return self.params(min(1.0, max(self.alpha, self.alpha + x[0] * (1.0 - self.alpha))))
+
+    def candidates(self, count: int, seed: int) -> torch.Tensor:
+        """Unit-interval points the acquisition is maximised over: a dense grid."""
+        return torch.linspace(0, 1, count, dtype=torch.float64).unsqueeze(-1)
+
+    def fingerprint(self) -> dict:
+        return {"space": self.name, "alpha": self.alpha, "pair": list(self.pair), "k": self.k}
+
+
+@dataclass
+class SimplexSpace:
+    """Weights over ``k`` checkpoints summing to 1 (see the module docstring)."""
+
+    k: int
+    min_weight: float = 0.0
+    parameterization: str = "constrained"
+    name = "simplex"
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise ValueError(f"search.space=simplex needs at least 2 checkpoints, got {self.k}")
+        if self.parameterization not in ("constrained", "normalized"):
+            raise ValueError(f"search.parameterization={self.parameterization!r}: use constrained or normalized")
+        if self.min_weight < 0 and self.parameterization == "normalized":
+            raise ValueError("search.min_weight < 0 (negative weights) needs search.parameterization=constrained")
+        if self.min_weight * self.k > 1.0:
+            raise ValueError(f"search.min_weight={self.min_weight}: k * min_weight must be <= 1 (k={self.k})")
+        self.lo = self.min_weight
+        self.hi = 1.0 - (self.k - 1) * self.min_weight
+
+    @property
+    def dim(self) -> int:
+        return self.k - 1 if self.parameterization == "constrained" else self.k
+
+    def _names(self) -> list[str]:
+        return [f"{'w' if self.parameterization == 'constrained' else 'x'}{i}" for i in range(self.dim)]
+
+    def parameters(self):
+        from ax import RangeParameterConfig
+
+        bounds = (self.lo, self.hi) if self.parameterization == "constrained" else (0.0, 1.0)
+        return [RangeParameterConfig(name=n, parameter_type="float", bounds=bounds) for n in self._names()]
+
+    def constraints(self) -> list[str]:
+        if self.parameterization != "constrained":
+            return []
+        total = " + ".join(self._names())
+        out = [f"{total} <= {1.0 - self.lo!r}"]
+        if self.lo < 0:
+            out.append(f"{total} >= {1.0 - self.hi!r}")
+        return out
+
+    def weights(self, params: dict[str, float]) -> list[float]:
+        v = [float(params[n]) for n in self._names()]
+        if self.parameterization == "constrained":
+            return v + [1.0 - math.fsum(v)]
+        s = math.fsum(v)
+        return [x / s for x in v] if s > 1e-12 else [1.0 / self.k] * self.k
+
+    def params_for(self, weights: Sequence[float], tol: float = 1e-9) -> dict[str, float] | None:
+        w = [float(x) for x in weights]
+        if len(w) != self.k or abs(math.fsum(w) - 1.0) > 1e-6 or min(w) < self.lo - tol or max(w) > self.hi + tol:
+            return None
+        if self.parameterization == "constrained":
+            return {n: min(self.hi, max(self.lo, x)) for n, x in zip(self._names(), w[:-1])}
+        top = max(w)
+        return {n: max(0.0, x / top) for n, x in zip(self._names(), w)}
+
+    def initial(self) -> list[dict[str, float]]:
+        """The newest checkpoint alone, then the uniform average (the simplex analogue of 1 and alpha)."""
+        one_hot = [0.0] * (self.k - 1) + [1.0]
+        return [p for p in (self.params_for(one_hot), self.params_for([1.0 / self.k] * self.k)) if p is not None]
+
+    def grid(self, n: int) -> list[dict[str, float]]:
+        """``n`` quasi-random points of the simplex (a lattice grows as n^(K-1); Sobol covers it evenly)."""
+        u = self.candidates(max(n, 1), seed=0)[:n]
+        return [self.from_unit(x.tolist()) for x in u]
+
+    def to_unit(self, params: dict[str, float]) -> list[float]:
+        if self.parameterization == "constrained":
+            return [(float(params[n]) - self.lo) / (self.hi - self.lo) for n in self._names()]
+        return [float(params[n]) for n in self._names()]
+
+    def from_unit(self, x: Sequence[float]) -> dict[str, float]:
+        if self.parameterization == "constrained":
+            return {n: self.lo + float(v) * (self.hi - self.lo) for n, v in zip(self._names(), x)}
+        return {n: float(v) for n, v in zip(self._names(), x)}
+
+    def candidates(self, count: int, seed: int) -> torch.Tensor:
+        """Unit-cube points that satisfy the constraints (Sobol, filtered), ``count`` of them."""
+        engine = torch.quasirandom.SobolEngine(self.dim, scramble=True, seed=seed)
+        if self.parameterization == "normalized":
+            return engine.draw(count, dtype=torch.float64)
+        out, have = [], 0
+        while have < count:
+            u = engine.draw(4 * count, dtype=torch.float64)
+            w = self.lo + u * (self.hi - self.lo)
+            last = 1.0 - w.sum(-1)
+            ok = (last >= self.lo - 1e-12) & (last <= self.hi + 1e-12)
+            out.append(u[ok])
+            have += int(ok.sum())
+        return torch.cat(out)[:count]
+
+    def fingerprint(self) -> dict:
+        return {"space": self.name, "k": self.k, "min_weight": self.min_weight,
+                "parameterization": self.parameterization}
+
+
+def make_space(conf, k: int):
+    """The space ``search.space`` names, for ``k`` loaded checkpoints."""
+    if conf.space == "pairwise":
+        pair = tuple(i % k for i in conf.pair)
+        return PairwiseSpace(alpha=conf.alpha, k=k, pair=pair)  # type: ignore[arg-type]
+    return SimplexSpace(k=k, min_weight=conf.min_weight, parameterization=conf.parameterization)
