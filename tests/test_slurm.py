@@ -1,0 +1,327 @@
+"""SLURM: the sbatch template renders and runs (with a stand-in srun), preemption flags, requeue.
+
+No cluster is needed: ``srun`` and ``scontrol`` are tiny shell scripts put first on
+PATH that record their arguments, and signals are real ones sent to this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_merge import slurm
+from lightning_merge.slurm import Preemption, RequeueError, render_sbatch, requeue
+
+SLURM_DIR = Path(slurm.TEMPLATE).parent
+SCRIPTS = sorted(p for p in SLURM_DIR.iterdir() if p.suffix in (".sbatch", ".sh"))
+BASH = shutil.which("bash")
+pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
+
+
+def _directives(text: str) -> dict[str, str]:
+    """Active ``#SBATCH --key[=value]`` lines as {key: value} ('' for a flag); disabled ``##SBATCH`` skipped."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _stub(bindir: Path, name: str, body: str) -> Path:
+    bindir.mkdir(parents=True, exist_ok=True)
+    p = bindir / name
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return p
+
+
+def _run_script(script: Path, tmp_path: Path, *args: str, env: dict[str, str] | None = None):
+    """Run an sbatch script with a stand-in srun that writes one argument per line to srun.args."""
+    bindir = tmp_path / "bin"
+    record = tmp_path / "srun.args"
+    _stub(bindir, "srun", f'for a in "$@"; do printf "%s\\n" "$a"; done > "{record}"\n')
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    base["PATH"] = f"{bindir}{os.pathsep}{base.get('PATH', '')}"
+    base.pop("COLLECTIVE_TIMEOUT_S", None)
+    proc = subprocess.run([BASH, str(script), *args], check=False, cwd=tmp_path, env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=30)
+    return proc, (record.read_text().splitlines() if record.exists() else None)
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+def test_slurm_folder_has_the_sbatch_template():
+    assert slurm.TEMPLATE.is_file() and slurm.TEMPLATE in SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_script_passes_bash_n(script):
+    proc = subprocess.run([BASH, "-n", str(script)], check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_template_defaults_one_task_per_gpu_requeue_and_usr2_to_the_tasks():
+    d = _directives(slurm.TEMPLATE.read_text())
+    assert d["nodes"] == "1" and d["ntasks-per-node"] == d["gpus-per-node"] == "8"
+    assert "requeue" in d and d["open-mode"] == "append"
+    # No "B:" prefix: the srun-launched python processes must get the signal, not the batch shell.
+    assert d["signal"] == "USR2@600"
+    assert "partition" not in d  # disabled (##SBATCH): the cluster's default partition
+
+
+def test_template_runs_with_defaults_and_passes_overrides(tmp_path):
+    proc, args = _run_script(slurm.TEMPLATE, tmp_path, "+experiment=pythia", "search.trials=4")
+    assert proc.returncode == 0, proc.stderr
+    i = args.index("lightning_merge")
+    assert args[i - 2:i] == ["python", "-m"] and "--kill-on-bad-exit=1" in args[:i]
+    assert args[i + 1:] == ["strategy.num_nodes=1", "strategy.devices=8", "+experiment=pythia", "search.trials=4"]
+
+
+# ----------------------------------------------------------------------------- render_sbatch
+
+EXTRA = ["+experiment=baichuan7b", "checkpoints.sources=[a b,c]", "search.trials=20"]
+
+
+def test_render_fills_the_directives():
+    text = render_sbatch(nodes=2, gpus_per_node=8, partition="gpu", time="08:00:00", job_name="bc7",
+                         extra_args=EXTRA)
+    d = _directives(text)
+    assert d["nodes"] == "2" and d["ntasks-per-node"] == "8" and d["gpus-per-node"] == "8"
+    assert d["partition"] == "gpu" and d["time"] == "08:00:00" and d["job-name"] == "bc7"
+    assert "requeue" in d and d["signal"] == "USR2@600" and d["open-mode"] == "append"
+    assert "account" not in d
+    srun = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1
+    body = text[text.index(srun[0]):]
+    assert '"${PYTHON}" -m lightning_merge' in body  # PYTHON defaults to python (see the run tests)
+    assert 'strategy.num_nodes="${NUM_NODES}"' in body and 'strategy.devices="${GPUS_PER_NODE}"' in body
+    assert 'GPUS_PER_NODE="${SLURM_NTASKS_PER_NODE:-8}"' in text and 'NUM_NODES="${SLURM_NNODES:-2}"' in text
+    assert "EXTRA_ARGS=(+experiment=baichuan7b 'checkpoints.sources=[a b,c]' search.trials=20)" in text
+
+
+def test_render_without_partition_keeps_the_cluster_default():
+    d = _directives(render_sbatch(1, 4, None, "30", "x", []))
+    assert "partition" not in d and d["ntasks-per-node"] == d["gpus-per-node"] == "4" and d["time"] == "30"
+
+
+def test_rendered_script_passes_bash_n_and_runs(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(2, 8, "gpu", "08:00:00", "bc7", EXTRA, signal_lead_s=900))
+    assert _directives(script.read_text())["signal"] == "USR2@900"
+    assert subprocess.run([BASH, "-n", str(script)], check=False).returncode == 0
+    # Outside SLURM the script falls back to the rendered allocation ...
+    proc, args = _run_script(script, tmp_path, "search.alpha=0.5")
+    assert proc.returncode == 0, proc.stderr
+    tail = args[args.index("lightning_merge") + 1:]
+    assert tail == ["strategy.num_nodes=2", "strategy.devices=8", *EXTRA, "search.alpha=0.5"]
+    # ... inside, it follows the allocation (sbatch --nodes=3 --ntasks-per-node=4 --gpus-per-node=4).
+    proc, args = _run_script(script, tmp_path, env={"SLURM_NNODES": "3", "SLURM_NTASKS_PER_NODE": "4",
+                                                    "SLURM_GPUS_ON_NODE": "4", "COLLECTIVE_TIMEOUT_S": "600"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--ntasks-per-node=4" in args
+    tail = args[args.index("lightning_merge") + 1:]
+    assert tail == ["strategy.num_nodes=3", "strategy.devices=4", "strategy.timeout_s=600", *EXTRA]
+
+
+def test_script_refuses_tasks_and_gpus_that_differ(tmp_path):
+    proc, args = _run_script(slurm.TEMPLATE, tmp_path, env={"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "4"})
+    assert proc.returncode == 2 and args is None
+    assert "--ntasks-per-node=N --gpus-per-node=N" in proc.stderr
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    ({"nodes": 0}, "--nodes"),
+    ({"gpus_per_node": True}, "--gpus-per-node"),
+    ({"time": "4h"}, "--time"),
+    ({"time": "00:05:00"}, "--signal-lead-s"),          # the default 600 s lead >= 5 min
+    ({"signal_lead_s": 70000, "time": "2-00:00:00"}, "--signal-lead-s"),
+    ({"partition": "gpu; rm -rf /"}, "--partition"),
+    ({"job_name": "a b"}, "--job-name"),
+    ({"extra_args": "+experiment=x"}, "extra_args"),
+])
+def test_render_rejects_bad_values_naming_the_option(kwargs, option):
+    args = {"nodes": 1, "gpus_per_node": 8, "partition": None, "time": "04:00:00", "job_name": "j",
+            "extra_args": [], **kwargs}
+    with pytest.raises(ValueError, match=option):
+        render_sbatch(**args)
+
+
+def test_render_refuses_a_template_without_the_overrides_line(tmp_path):
+    bad = tmp_path / "bad.sbatch"
+    bad.write_text(slurm.TEMPLATE.read_text().replace("EXTRA_ARGS=()", "ARGS=()"))
+    with pytest.raises(ValueError, match="EXTRA_ARGS"):
+        render_sbatch(1, 8, template=bad)
+
+
+def test_cli_render(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lightning_merge.slurm", "render", "--nodes", "2",
+                           "--gpus-per-node", "8", "--partition", "gpu", "--time", "1-00:00:00", "--",
+                           "+experiment=pythia", "search.alpha=0.5"],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    d = _directives(proc.stdout)
+    assert d["nodes"] == "2" and d["gpus-per-node"] == "8" and d["partition"] == "gpu" and d["time"] == "1-00:00:00"
+    assert "EXTRA_ARGS=(+experiment=pythia search.alpha=0.5)" in proc.stdout
+
+    out = tmp_path / "job.sbatch"
+    assert slurm.main(["render", "--nodes", "1", "--gpus-per-node", "4", "-o", str(out), "+experiment=pythia"]) == 0
+    assert os.access(out, os.X_OK) and _directives(out.read_text())["ntasks-per-node"] == "4"
+
+
+def test_cli_render_error_names_the_option(capsys):
+    assert slurm.main(["render", "--time", "soon"]) == 2
+    assert "--time 'soon'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Preemption
+
+def _wait(pred, timeout_s: float = 2.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while not pred() and time.monotonic() < end:
+        time.sleep(0.01)
+    return pred()
+
+
+@pytest.fixture
+def saved_handlers():
+    saved = {s: signal.getsignal(s) for s in Preemption.SIGNALS}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=lambda s: s.name)
+def test_preemption_flag_set_by_a_real_signal(sig, saved_handlers):
+    before = {s: signal.getsignal(s) for s in Preemption.SIGNALS}
+    with Preemption() as p:
+        assert not p.requested and p.signal_name is None
+        os.kill(os.getpid(), sig)
+        assert _wait(lambda: p.requested)
+        assert p.signal_name == sig.name
+    assert {s: signal.getsignal(s) for s in Preemption.SIGNALS} == before and not p.installed
+
+
+def test_preemption_keeps_the_first_signal_and_reinstall_keeps_the_saved_handlers(saved_handlers):
+    def other(signum, frame):  # e.g. what Lightning installs during trainer.validate
+        raise AssertionError("the replaced handler must not run")
+
+    original = signal.getsignal(signal.SIGTERM)
+    p = Preemption().install()
+    signal.signal(signal.SIGTERM, other)
+    p.install()  # takes SIGTERM back
+    os.kill(os.getpid(), signal.SIGUSR2)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert _wait(lambda: p.requested) and p.signal_name == "SIGUSR2"
+    p.restore()
+    assert signal.getsignal(signal.SIGTERM) == original  # not `other`
+    p.restore()  # idempotent
+
+
+def test_preemption_install_refuses_other_threads():
+    import threading
+
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, Preemption().install)))
+    t.start()
+    t.join()
+    assert errors and "main thread" in str(errors[0].value)
+
+
+@pytest.mark.parametrize("with_callback", [False, True], ids=["lightning_alone", "with_callback"])
+def test_signal_during_trainer_validate(with_callback, saved_handlers):
+    """What the module docstring says about Lightning: SIGTERM mid-validate aborts it unless we take it back."""
+    torch = pytest.importorskip("torch")
+    L = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.batches = 0
+
+        def validation_step(self, batch, batch_idx):
+            self.batches += 1
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.layer(batch[0]).sum()
+
+        def val_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.zeros(3, 2))
+            return torch.utils.data.DataLoader(data, batch_size=1)
+
+    p = Preemption().install()
+    module = Module()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[p.lightning_callback()] if with_callback else [])
+    if with_callback:
+        trainer.validate(module, verbose=False)
+        assert module.batches == 3
+    else:
+        with pytest.raises(SIGTERMException):
+            trainer.validate(module, verbose=False)
+        assert module.batches == 1
+    assert p.requested and p.signal_name == "SIGTERM"
+    # Lightning's teardown put our handlers back after validate.
+    assert all(signal.getsignal(s) == p._handler for s in Preemption.SIGNALS)
+    p.restore()
+
+
+# ----------------------------------------------------------------------------- requeue
+
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch):
+    """A stand-in `scontrol` first on PATH that appends its arguments to a file; no SLURM env."""
+    record = tmp_path / "scontrol.calls"
+    _stub(tmp_path / "bin", "scontrol", f'echo "$@" >> "{record}"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    return record
+
+
+def test_requeue_calls_scontrol_with_the_job_id(scontrol, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    assert requeue() is True
+    assert scontrol.read_text().splitlines() == ["requeue 12345"]
+
+
+def test_requeue_array_task_and_explicit_id(scontrol, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "12350")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "12340")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert requeue() is True
+    assert requeue("777") is True
+    assert scontrol.read_text().splitlines() == ["requeue 12340_3", "requeue 777"]
+
+
+def test_requeue_outside_slurm_returns_false(scontrol):
+    assert requeue() is False
+    assert not scontrol.exists()
+
+
+def test_requeue_failure_is_raised_with_scontrol_stderr(tmp_path, monkeypatch):
+    _stub(tmp_path / "bin", "scontrol", 'echo "scontrol: error: Requested operation is presently disabled" >&2\n'
+                                       "exit 1\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with pytest.raises(RequeueError, match="exit code 1: scontrol: error: Requested operation is presently disabled"):
+        requeue()
+
+
+def test_requeue_without_scontrol_on_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with pytest.raises(RequeueError, match="`scontrol` is not on PATH"):
+        requeue()
+    with pytest.raises(RequeueError, match="not a job id"):
+        requeue("42; true")
