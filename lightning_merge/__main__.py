@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
     from .checkpoints import CheckpointError
     from .data import DataError
     from .merge import MergeError
+    from .slurm import RequeueError
 
     try:
         run_cfg = to_run_config(cfg)
@@ -40,6 +41,10 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"lightning_merge: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RequeueError as e:  # preempted and saved, but SLURM would not requeue the job
+        log.error("%s", e)
+        print(f"lightning_merge: error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -224,33 +224,100 @@ class ModelConf:
 class SearchConf:
     """The merge-weight search.
 
-    ``name``: ``paper`` (Algorithm 1 of arXiv 2403.19390: start at ``alpha``
-    and 1, then a GP with ``acquisition`` ei, pi, ucb or gp_hedge proposes),
-    ``ax`` (the Ax Client default: Sobol, then its GP), ``random`` or ``grid``. ``space``:
-    ``pairwise`` (``lam`` in ``[alpha, 1]`` on the newest of two checkpoints).
+    ``name``: ``paper`` (Algorithm 1 of arXiv 2403.19390: start at the space's
+    initial points, then a GP with ``acquisition`` ei, pi, ucb or gp_hedge
+    proposes), ``ax`` (the Ax Client default: Sobol, then its GP), ``random`` or
+    ``grid``. ``space``: ``pairwise`` (``lam`` in ``[alpha, 1]`` on the newer
+    of the two checkpoints ``pair``, indices into the loaded ones, negative from
+    the newest) or ``simplex`` (weights over all loaded checkpoints summing to 1,
+    each at least ``min_weight``; ``parameterization`` constrained or normalized,
+    see ``lightning_merge/spaces.py``).
+
+    Stopping: ``trials`` search trials (baselines not counted), or earlier when
+    ``max_seconds`` of search have passed in this process, or when the best
+    objective improved by less than ``plateau_tol`` (relative) over the last
+    ``plateau_trials`` trials. ``restart=true`` moves an earlier search in the
+    same output_dir aside instead of resuming it.
     """
 
     name: str = "paper"
     space: str = "pairwise"
     alpha: float = 0.3
+    pair: list[int] = field(default_factory=lambda: [-2, -1])
+    min_weight: float = 0.0
+    parameterization: str = "constrained"
     trials: int = 10
     acquisition: str = "gp_hedge"
     objective: str = "heldout_loss"
     seed: int = 0
+    max_seconds: Optional[float] = None
+    plateau_trials: Optional[int] = None
+    plateau_tol: float = 1e-4
+    max_failures: int = 3
+    restart: bool = False
 
     def __post_init__(self) -> None:
         _require(self.name in ("paper", "ax", "random", "grid"), "search.name",
                  f"got {self.name!r}; use paper, ax, random or grid")
-        _require(self.space in ("pairwise",), "search.space",
-                 f"got {self.space!r}; use pairwise")
+        _require(self.space in ("pairwise", "simplex"), "search.space",
+                 f"got {self.space!r}; use pairwise or simplex")
         _require(0.0 <= self.alpha < 1.0, "search.alpha",
                  f"must be in [0, 1), got {self.alpha}")
+        _require(len(self.pair) == 2 and self.pair[0] != self.pair[1], "search.pair",
+                 f"must be two different checkpoint indices [older, newer], got {self.pair}")
+        _require(-1.0 < self.min_weight <= 0.25, "search.min_weight",
+                 f"must be in (-1, 0.25] (0: no negative weights), got {self.min_weight}")
+        _require(self.parameterization in ("constrained", "normalized"), "search.parameterization",
+                 f"got {self.parameterization!r}; use constrained (K-1 weights, sum <= 1) or normalized")
+        _require(self.min_weight >= 0 or self.parameterization == "constrained", "search.min_weight",
+                 "negative weights need search.parameterization=constrained")
         _require(self.trials >= 2, "search.trials",
                  f"must be >= 2 (the two initial points), got {self.trials}")
         _require(self.objective in ("heldout_loss", "mc_acc", "mc_acc_norm"), "search.objective",
                  f"got {self.objective!r}; use heldout_loss, mc_acc or mc_acc_norm (the latter need data.mc)")
         _require(self.acquisition in ("ei", "pi", "ucb", "gp_hedge"), "search.acquisition",
                  f"got {self.acquisition!r}; use ei, pi, ucb or gp_hedge")
+        _require(self.max_seconds is None or self.max_seconds > 0, "search.max_seconds",
+                 f"must be > 0 or null, got {self.max_seconds}")
+        _require(self.plateau_trials is None or self.plateau_trials >= 1, "search.plateau_trials",
+                 f"must be >= 1 or null (off), got {self.plateau_trials}")
+        _require(self.plateau_tol >= 0, "search.plateau_tol", f"must be >= 0, got {self.plateau_tol}")
+        _require(self.max_failures >= 1, "search.max_failures", f"must be >= 1, got {self.max_failures}")
+
+
+@dataclass
+class BaselinesConf:
+    """The baselines evaluated in every search run, on the same blocks as the search.
+
+    Each single checkpoint, the uniform average of all loaded checkpoints, LAWA
+    (uniform over the newest ``lawa_k``), EMA (``ema_alpha`` on the newest,
+    ``alpha (1 - alpha)^i`` on the i-th older, the remainder on the oldest) and
+    WMA (linearly rising weights, PMA's schemes), and greedy soup (add
+    checkpoints best-first while the uniform soup's search objective improves).
+    Baselines that lie in the search space are recorded as trials, so the GP
+    learns from them too (``as_trials``).
+    """
+
+    enabled: bool = True
+    lawa_k: int = 4
+    ema_alpha: float = 0.2
+    greedy_soup: bool = True
+    as_trials: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.lawa_k >= 2, "baselines.lawa_k", f"must be >= 2, got {self.lawa_k}")
+        _require(0.0 < self.ema_alpha < 1.0, "baselines.ema_alpha", f"must be in (0, 1), got {self.ema_alpha}")
+
+
+@dataclass
+class ReportConf:
+    """The report in the run directory: ``report.md`` after every trial, plots at most every ``plot_every_s``."""
+
+    plot_every_s: float = 30.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.plot_every_s >= 0, "report.plot_every_s", f"must be >= 0, got {self.plot_every_s}")
 
 
 @dataclass
@@ -327,6 +394,8 @@ class RunConfig:
     data: DataConf = field(default_factory=DataConf)
     model: ModelConf = field(default_factory=ModelConf)
     search: SearchConf = field(default_factory=SearchConf)
+    baselines: BaselinesConf = field(default_factory=BaselinesConf)
+    report: ReportConf = field(default_factory=ReportConf)
     strategy: StrategyConf = field(default_factory=StrategyConf)
     merge: MergeConf = field(default_factory=MergeConf)
 

@@ -22,10 +22,11 @@ from typing import Iterator
 import torch
 
 from .checkpoints import CheckpointError, CheckpointSeries
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import evenly_spaced, load_blocks
 from .merge import write_merged
-from .search import OBJECTIVE, AxSearch, Ledger, PairwiseSpace
+from .slurm import Preemption
+from .ledger import OBJECTIVE
 
 __all__ = ["run", "Stages"]
 
@@ -175,9 +176,6 @@ def run(cfg: RunConfig) -> dict:
         log.info("merged model written to %s", merged)
         return results
 
-    if len(series) != 2 and cfg.mode == "search":
-        raise CheckpointError(f"search.space=pairwise merges 2 checkpoints but {len(series)} were given; "
-                              "set checkpoints.last=2")
 
     with stages("data and model"):
         from transformers import AutoTokenizer
@@ -205,9 +203,13 @@ def run(cfg: RunConfig) -> dict:
 
             mc_data = load_mc(cfg.data.mc, tok)
             log.info("multiple choice: %d items", mc_data.num_items)
+        space = _prepare_search(cfg, series, search_blocks, out) if cfg.mode == "search" else None
         model = _build_model(series, getattr(torch, cfg.model.dtype), trust)
+        # SIGUSR2 / SIGTERM only set a flag from here on; the search saves and requeues at a trial boundary.
+        preempt = Preemption().install() if cfg.mode == "search" else None
         evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size,
-                              merger_factory=_merger_factory(cfg, series))
+                              merger_factory=_merger_factory(cfg, series),
+                              callbacks=[preempt.lightning_callback()] if preempt else ())
 
     def full_eval(weights: list[float]) -> dict:
         evaluator.set_weights(weights)
@@ -238,84 +240,114 @@ def run(cfg: RunConfig) -> dict:
             report.print_summary(results, cfg)
         return results
 
-    # --- search ---------------------------------------------------------------------------
-    k = len(series)
-    candidates = []
-    with stages("baselines"):
-        for i, p in enumerate(series.paths):
-            w = [1.0 if j == i else 0.0 for j in range(k)]
-            candidates.append({"name": p.name, "kind": "checkpoint", "weights": w, **full_eval(w)})
-        w = [1.0 / k] * k
-        candidates.append({"name": "uniform average", "kind": "baseline", "weights": w, **full_eval(w)})
+    try:
+        return _search(cfg, series, space, evaluator, full_eval, objective, out, stages, t_start, preempt)
+    finally:
+        preempt.restore()
 
-    space = PairwiseSpace(cfg.search.alpha)
-    search = AxSearch(cfg.search, space, name=f"{cfg.experiment}-{cfg.search.name}") \
-        if evaluator.is_global_zero else None
-    ledger = Ledger.open(out / "trials.jsonl") if evaluator.is_global_zero else None
-    if ledger is not None and ledger.records:
-        # Resuming a search is not implemented yet: keep the earlier ledger beside the new one.
-        prev = ledger.path.with_name("trials.prev.jsonl")
-        log.warning("%s holds %d records from an earlier run; moved to %s, starting afresh",
-                    ledger.path, len(ledger.records), prev.name)
-        os.replace(ledger.path, prev)
-        ledger = Ledger.open(out / "trials.jsonl")
 
-    with stages("search"), report.trial_progress(cfg.search.trials, enabled=evaluator.is_global_zero) as bar:
-        for _ in range(cfg.search.trials):
-            t_ask = time.perf_counter()
-            prop = search.ask() if search is not None else None
-            msg = {"index": prop.index, "weights": prop.weights} if prop is not None else None
-            msg = evaluator.broadcast(msg)
-            timing = {"ask_s": time.perf_counter() - t_ask}
-            if ledger is not None:
-                ledger.write({"trial": msg["index"], "status": "running", "weights": msg["weights"],
-                              "params": prop.params, "origin": prop.origin})
-            t0 = time.perf_counter()
-            try:
-                value, metrics = objective(msg["weights"])
-                timing["merge_s"] = evaluator.merge_seconds
-                timing["eval_s"] = time.perf_counter() - t0 - evaluator.merge_seconds
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"non-finite objective {value}")
-            except (FloatingPointError, ValueError) as e:
-                if search is not None:
-                    search.fail(msg["index"], str(e))
-                    ledger.write({"trial": msg["index"], "status": "failed", "weights": msg["weights"],
-                                  "reason": str(e), "seconds": time.perf_counter() - t0})
-                    search.save(out / "ax_snapshot.json")
-                continue
-            if search is not None:
-                # The ledger (fsync'd) records the result before the Ax snapshot does.
-                rec = ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
-                                    "params": prop.params, "origin": prop.origin, "state": prop.state,
-                                    OBJECTIVE: value, **metrics, "seconds": time.perf_counter() - t0,
-                                    **{k: round(v, 4) for k, v in timing.items()}})
-                search.tell(msg["index"], value)
-                search.save(out / "ax_snapshot.json")
-                bar.advance(rec, ledger.best())
+def _fingerprint(cfg: RunConfig, series: CheckpointSeries, space, search_blocks: torch.Tensor) -> dict:
+    """What makes trials comparable: resuming with any of these changed is refused (see ledger.py)."""
+    import hashlib
+
+    blocks = hashlib.sha256(search_blocks.contiguous().numpy().tobytes()).hexdigest()[:16]
+    fp = {"checkpoints.sources": [str(p) for p in series.paths],
+          "data.heldout (the search blocks)": f"{tuple(search_blocks.shape)} sha256:{blocks}",
+          "search.space": space.fingerprint(), "search.name": cfg.search.name,
+          "search.objective": cfg.search.objective, "model.dtype": cfg.model.dtype,
+          "strategy.precision": cfg.strategy.precision}
+    if cfg.search.objective != "heldout_loss":
+        from dataclasses import asdict
+
+        fp["data.mc"] = asdict(cfg.data.mc)
+    return fp
+
+
+def _prepare_search(cfg: RunConfig, series: CheckpointSeries, search_blocks: torch.Tensor, out: Path):
+    """Rank 0, before any process group exists: the space, and a refusal if the old trials cannot be resumed."""
+    from .ledger import Ledger, archive_previous, check_fingerprint
+    from .spaces import make_space
+
+    try:
+        space = make_space(cfg.search, len(series))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if launched_rank() == 0:
+        if cfg.search.restart:
+            archive_previous(out)
+        n = len(Ledger.open(out / "trials.jsonl").records)
+        check_fingerprint(out, _fingerprint(cfg, series, space, search_blocks), n)
+    return space
+
+
+def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eval, objective, out: Path,
+            stages: Stages, t_start: float, preempt) -> dict:
+    """Baselines, the trial loop (resumed from the ledger if there is one), the best merge, the report."""
+    from . import report
+    from .ledger import Ledger
+    from .loop import SearchLoop
+    from .search import AxSearch
+    from .slurm import requeue
+
+    zero = evaluator.is_global_zero
+    search = ledger = None
+    with stages("search setup"):
+        if zero:
+            ledger = Ledger.open(out / "trials.jsonl")
+            name = f"{cfg.experiment}-{cfg.search.name}"
+            search = AxSearch.restore(cfg.search, space, name, ledger, out / "ax_snapshot.json") \
+                if ledger.records else AxSearch(cfg.search, space, name=name)
+            search.warm_up()
+    names = [p.name for p in series.paths]
+    reporter = report.LiveReport(out, cfg, names, ledger) if zero else None
+    with report.trial_progress(cfg.search.trials, enabled=zero and cfg.report.progress) \
+            as bar:
+        loop = SearchLoop(cfg, evaluator, objective, full_eval, out, space, search=search, ledger=ledger,
+                          on_trial=reporter.update if reporter else None, bar=bar, preempt=preempt)
+        if zero:
+            evaluator.on_batch = bar.eval_progress
+        with stages("baselines"):
+            candidates = loop.baselines(names)
+        if reporter:
+            reporter.candidates = candidates
+        with stages("search"):
+            reason = loop.run()
+        evaluator.on_batch = None
+    if search is not None:
+        search.flush()  # Ax has every result; the snapshot is on disk
+        search.close()
+        reporter.update(force_plots=True)
+    if reason.startswith("preempted"):
+        if zero:
+            log.warning("%s: state saved in %s after %d trials; a re-run of the same command resumes it",
+                        reason, out, len(ledger.completed()))
+            requeue()
+        return {"status": "preempted", "reason": reason, "output_dir": str(out)}
 
     best_rec = evaluator.broadcast(ledger.best() if ledger is not None else None)
     if best_rec is None:
         raise RuntimeError("every trial failed; see trials.jsonl for the reasons")
     with stages("evaluate best"):
-        best = {"weights": best_rec["weights"], "params": best_rec.get("params", {}),
-                "search_objective": best_rec[OBJECTIVE], **full_eval(best_rec["weights"])}
+        best = {"weights": best_rec["weights"], "params": best_rec.get("params", {}), "trial": best_rec["trial"],
+                "origin": best_rec.get("origin"), "search_objective": best_rec[OBJECTIVE],
+                **full_eval(best_rec["weights"])}
     candidates.append({"name": "best merge", "kind": "search", **best})
 
     merged = None
-    if evaluator.is_global_zero and cfg.merge.write:
+    last = [c for c in candidates if c["kind"] == "checkpoint"][-1]
+    if zero and cfg.merge.write:
         with stages("write merged model"):
-            metric = {"heldout_loss": best["heldout_loss"],
-                      "last_checkpoint_loss": candidates[k - 1]["heldout_loss"]}
+            metric = {"heldout_loss": best["heldout_loss"], "last_checkpoint_loss": last["heldout_loss"]}
             card = report.model_card(series, best, candidates, cfg)
             merged = _write(cfg, series, best["weights"], out, metric=metric, card=card)
     stages.seconds["total"] = time.perf_counter() - t_start
     results = report.results_dict(series, best=best, candidates=candidates,
-                                  trials=len(ledger.completed()) if ledger else 0,
+                                  trials=len(ledger.search_trials()) if ledger else 0,
                                   merged_dir=merged, stages=stages.seconds)
-    if evaluator.is_global_zero:
+    results["stop_reason"] = reason
+    if zero:
         report.write_results(out, results)
-        report.write_report(out, results, ledger.completed(), cfg)
+        reporter.finish(results)
         report.print_summary(results, cfg)
     return results
 

@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -210,6 +210,13 @@ def lightning_strategy(conf: StrategyConf, model: torch.nn.Module | None = None)
     raise ValueError(f"strategy.name={conf.name!r}")
 
 
+def _slurm_plugins() -> list:
+    """Under SLURM, Lightning's environment without its own requeue: our driver saves and requeues itself."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 class _MergeBeforeEval(L.Callback):
     """Applies the pending trial weights once the strategy has set the model up."""
 
@@ -218,6 +225,19 @@ class _MergeBeforeEval(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluator._merge_pending()
+
+
+class _BatchProgress(L.Callback):
+    """Reports ``(batches done, batches total)`` of the running evaluation to ``Evaluator.on_batch``."""
+
+    def __init__(self, evaluator: "Evaluator") -> None:
+        self.evaluator = evaluator
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        hook = self.evaluator.on_batch
+        if hook is not None and trainer.is_global_zero:
+            total = trainer.num_val_batches[dataloader_idx] if trainer.num_val_batches else 0
+            hook(batch_idx + 1, int(total))
 
 
 class Evaluator:
@@ -232,7 +252,8 @@ class Evaluator:
     """
 
     def __init__(self, model: torch.nn.Module, conf: StrategyConf, batch_size: int = 8,
-                 merger_factory: Callable[[torch.nn.Module, str], Any] | None = None) -> None:
+                 merger_factory: Callable[[torch.nn.Module, str], Any] | None = None,
+                 callbacks: Sequence[L.Callback] = ()) -> None:
         self.module = CausalLMEval(model)
         self.batch_size = batch_size
         self.merger_factory = merger_factory
@@ -240,6 +261,7 @@ class Evaluator:
         self._pending: list[float] | None = None
         self._applied: list[float] | None = None
         self.merge_seconds = 0.0
+        self.on_batch: Callable[[int, int], None] | None = None  # progress within an evaluation (rank 0)
         # Lightning's banner (GPU/TPU available, tips) would repeat on every rank; keep warnings.
         for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -249,12 +271,14 @@ class Evaluator:
             accelerator=conf.accelerator, devices=conf.devices, num_nodes=conf.num_nodes,
             strategy=lightning_strategy(conf, model), precision=conf.precision, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
-            num_sanity_val_steps=0, inference_mode=True, callbacks=[_MergeBeforeEval(self)],
+            num_sanity_val_steps=0, inference_mode=True, plugins=_slurm_plugins(),
+            callbacks=[_MergeBeforeEval(self), _BatchProgress(self), *callbacks],
         )
 
     def set_weights(self, weights: list[float]) -> None:
         """Merge these weights (all ranks must pass the same) before the next evaluation."""
         self._pending = [float(w) for w in weights]
+        self.merge_seconds = 0.0
 
     def _merge_pending(self) -> None:
         if self._pending is None or self._pending == self._applied:
@@ -279,6 +303,10 @@ class Evaluator:
     @property
     def is_global_zero(self) -> bool:
         return self.trainer.is_global_zero
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (e.g. a preemption signal that reached one node)."""
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
 
     def broadcast(self, obj: Any) -> Any:
         """Send ``obj`` from rank 0 to every rank (identity on one process)."""

@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 
 from .io import atomic_write_json, atomic_write_text
 
-__all__ = ["results_dict", "write_results", "write_report", "print_summary", "model_card", "trial_progress"]
+__all__ = ["results_dict", "write_results", "write_report", "LiveReport", "print_summary", "model_card",
+           "trial_progress"]
 
 log = logging.getLogger(__name__)
 
@@ -58,71 +59,67 @@ def _objective_label(objective: str) -> str:
             "mc_acc_norm": "1 - acc_norm (multiple choice)"}.get(objective, objective)
 
 
-def _plot_lam(out: Path, trials: Sequence[dict], candidates: list[dict], cfg_objective: str) -> str | None:
-    lams = [t["params"]["lam"] for t in trials if "lam" in t.get("params", {})]
-    if not lams:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses = [t["objective"] for t in trials if "lam" in t.get("params", {})]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.scatter(lams, losses, c=range(len(lams)), cmap="viridis", label="trials (colour = order)", zorder=3)
-    for i, (x, y) in enumerate(zip(lams, losses)):
-        a1.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ib = min(range(len(losses)), key=losses.__getitem__)
-    a1.scatter([lams[ib]], [losses[ib]], marker="*", s=250, c="red", label=f"best: lam={lams[ib]:.3f}", zorder=4)
-    a1.set_xlabel("lam (weight of the newest checkpoint)")
-    a1.set_ylabel(_objective_label(cfg_objective))
-    a1.set_title("Objective against lam")
-    a1.legend()
-    best = []
-    for y in losses:
-        best.append(min(y, best[-1]) if best else y)
-    a2.plot(range(len(best)), best, marker="o", label="best so far")
-    a2.plot(range(len(losses)), losses, ls="", marker="x", alpha=0.6, label="trial")
-    a2.xaxis.get_major_locator().set_params(integer=True)
-    a2.set_xlabel("trial")
-    a2.set_ylabel(_objective_label(cfg_objective))
-    a2.set_title("Best so far")
-    a2.legend()
-    fig.tight_layout()
-    path = out / "search.png"
-    tmp = out / ".search.png.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path.name
-
-
-def write_report(out: Path, results: dict, trials: Sequence[dict], cfg) -> Path:
-    """``report.md``: the candidates table, the trials, and the plots."""
+def write_report(out: Path, results: dict, trials: Sequence[dict], cfg, plots: Sequence[str] = ()) -> Path:
+    """``report.md``: the candidates table, every trial (failed ones with their reason), and the plots."""
     out = Path(out)
-    plot = _plot_lam(out, trials, results["candidates"], cfg.search.objective)
-    lines = [f"# lightning_merge report: {cfg.experiment} / {cfg.search.name}", "",
-             f"Command: `{command_line()}`", "", "## Candidates (held-out report set)", "",
-             "| candidate | weights | held-out loss | ppl | " +
-             " | ".join(f"{n} loss" for n in cfg.data.ood) + " |",
-             "|---|---|---|---|" + "---|" * len(cfg.data.ood)]
-    for c in results["candidates"]:
-        ood = " | ".join(f"{c.get('ood_loss', {}).get(n, float('nan')):.4f}" for n in cfg.data.ood)
+    ood = list(cfg.data.ood)
+    lines = [f"# lightning_merge report: {cfg.experiment} / {cfg.search.name} ({cfg.search.space})", "",
+             f"Command: `{command_line()}`", ""]
+    if results.get("stop_reason"):
+        lines += [f"Search stopped: {results['stop_reason']}.", ""]
+    lines += ["## Candidates (held-out report set)", "",
+              "| candidate | weights | held-out loss | ppl |" + "".join(f" {n} loss |" for n in ood),
+              "|---|---|---|---|" + "---|" * len(ood)]
+    for c in results.get("candidates", []):
+        oods = "".join(f" {c.get('ood_loss', {}).get(n, float('nan')):.4f} |" for n in ood)
         lines.append(f"| {c['name']} | {_w(c['weights'])} | {c['heldout_loss']:.4f} | "
-                     f"{c.get('heldout_ppl', float('nan')):.2f} | {ood} |")
+                     f"{c.get('heldout_ppl', float('nan')):.2f} |{oods}")
     if "gain_vs_last_percent" in results:
         lines += ["", f"Gain of the best merge over the last checkpoint: "
                       f"**{results['gain_vs_last_percent']:.2f}%**"]
+    for name in plots:
+        lines += ["", f"![{Path(name).stem}]({name})"]
     lines += ["", f"## Trials (objective: {_objective_label(cfg.search.objective)})", "",
-              "| trial | origin | weights | objective | seconds |",
-              "|---|---|---|---|---|"]
+              "| trial | origin | status | weights | objective | seconds |",
+              "|---|---|---|---|---|---|"]
     for t in trials:
-        lines.append(f"| {t['trial']} | {t.get('origin', '')} | {_w(t['weights'])} | "
-                     f"{t['objective']:.4f} | {t['seconds']:.2f} |")
-    if plot:
-        lines += ["", f"![search]({plot})"]
-    lines += ["", "## Stage timings", ""] + [f"- {k}: {v:.1f}s" for k, v in results["seconds"].items()]
+        obj = f"{t['objective']:.5f}" if t.get("status") == "completed" else t.get("reason", t.get("status", ""))
+        lines.append(f"| {t['trial']} | {t.get('origin', '')} | {t.get('status', '')} | {_w(t['weights'])} | "
+                     f"{obj} | {t.get('seconds', float('nan')):.2f} |")
+    if results.get("seconds"):
+        lines += ["", "## Stage timings", ""] + [f"- {k}: {v:.1f}s" for k, v in results["seconds"].items()]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+class LiveReport:
+    """Keeps ``report.md`` current after every trial (plots at most every ``report.plot_every_s``)."""
+
+    def __init__(self, out: Path, cfg, source_names: Sequence[str], ledger) -> None:
+        self.out, self.cfg, self.names, self.ledger = Path(out), cfg, list(source_names), ledger
+        self.candidates: list[dict] = []
+        self.plots: list[str] = []
+        self._plotted = -float("inf")
+
+    def _plots(self, results: dict, force: bool) -> None:
+        import time
+
+        if not force and time.monotonic() - self._plotted < self.cfg.report.plot_every_s:
+            return
+        from .plots import write_plots
+
+        self.plots = write_plots(self.out, self.ledger.ordered(), results, getattr(self.cfg.search, "alpha", 0.0),
+                                 _objective_label(self.cfg.search.objective), self.names)
+        self._plotted = time.monotonic()
+
+    def update(self, force_plots: bool = False) -> None:
+        best = self.ledger.best()
+        results = {"candidates": self.candidates, "best": best or {}}
+        self._plots(results, force_plots)
+        write_report(self.out, results, self.ledger.ordered(), self.cfg, self.plots)
+
+    def finish(self, results: dict) -> None:
+        self._plots(results, force=True)
+        write_report(self.out, results, self.ledger.ordered(), self.cfg, self.plots)
 
 
 def _w(weights: Sequence[float]) -> str:
@@ -203,27 +200,35 @@ or re-run the recipe in `merge.yaml` (`python -m lightning_merge mode=merge ...`
 
 
 class _Bar:
-    def __init__(self, progress, task) -> None:
-        self.progress, self.task = progress, task
+    """The rank-0 progress display: trials done of the budget, the current best, and the running evaluation."""
 
-    def advance(self, rec: dict, best: dict | None) -> None:
+    def __init__(self, progress=None, task=None, eval_task=None) -> None:
+        self.progress, self.task, self.eval_task = progress, task, eval_task
+
+    def advance(self, rec: dict, best: dict | None, search: bool = True) -> None:
         if self.progress is None:
             return
-        desc = f"trial {rec['trial']}: {rec['objective']:.4f}"
+        kind = "trial" if search else rec.get("origin", "baseline")
+        desc = f"{kind} {rec['trial']}: {rec['objective']:.4f}"
         if best is not None:
             desc += f" | best {best['objective']:.4f} @ {_w(best['weights'])}"
-        self.progress.update(self.task, advance=1, description=desc)
+        self.progress.update(self.task, advance=1 if search else 0, description=desc)
+
+    def eval_progress(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.eval_task, completed=done, total=max(total, 1), visible=done < total)
 
 
 @contextlib.contextmanager
 def trial_progress(total: int, enabled: bool = True) -> Iterator[_Bar]:
-    """A rich progress bar over trials (rank 0 only)."""
+    """A rich progress display over trials, with the current evaluation's batches (rank 0 only)."""
     if not enabled:
-        yield _Bar(None, None)
+        yield _Bar()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}")) as progress:
-        task = progress.add_task("starting", total=total)
-        yield _Bar(progress, task)
+    with Progress(TextColumn("[bold]{task.fields[label]}[/]"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.description}")) as progress:
+        task = progress.add_task("baselines first", total=total, label="search")
+        eval_task = progress.add_task("batches", total=1, label="evaluating", visible=False)
+        yield _Bar(progress, task, eval_task)
