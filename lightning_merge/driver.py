@@ -312,7 +312,7 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
             reporter.candidates = candidates
         with stages("search"):
             reason = loop.run()
-        evaluator.on_batch = None
+        evaluator.on_batch = evaluator.on_merged = None
     if search is not None:
         search.flush()  # Ax has every result; the snapshot is on disk
         search.close()
@@ -346,10 +346,25 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
                                   merged_dir=merged, stages=stages.seconds)
     results["stop_reason"] = reason
     if zero:
+        results["per_trial"] = _per_trial(ledger, loop.report_seconds)
+    if zero:
         report.write_results(out, results)
         reporter.finish(results)
         report.print_summary(results, cfg)
     return results
+
+
+def _per_trial(ledger, report_seconds: float) -> dict:
+    """Mean seconds per evaluated search trial, by part: what the search costs on top of evaluation."""
+    done = [r for r in ledger.search_trials() if not r.get("reused") and "eval_s" in r]
+    if not done:
+        return {}
+    keys = ("ask_s", "broadcast_s", "merge_s", "book_s", "eval_s")
+    out = {k: sum(r.get(k, 0.0) for r in done) / len(done) for k in keys}
+    out["report_s"] = report_seconds / max(len(ledger.completed()), 1)
+    out["evaluated_trials"] = len(done)
+    out["overhead_fraction"] = (out["ask_s"] + out["broadcast_s"] + out["merge_s"]) / out["eval_s"]
+    return out
 
 
 def _write(cfg: RunConfig, series: CheckpointSeries, weights, out: Path, metric: dict,

@@ -261,7 +261,9 @@ class Evaluator:
         self._pending: list[float] | None = None
         self._applied: list[float] | None = None
         self.merge_seconds = 0.0
+        self.hook_seconds = 0.0  # time in on_merged (Ax bookkeeping when it runs in line)
         self.on_batch: Callable[[int, int], None] | None = None  # progress within an evaluation (rank 0)
+        self.on_merged: Callable[[], None] | None = None  # called when a trial's parameters are ready
         # Lightning's banner (GPU/TPU available, tips) would repeat on every rank; keep warnings.
         for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -281,6 +283,15 @@ class Evaluator:
         self.merge_seconds = 0.0
 
     def _merge_pending(self) -> None:
+        try:
+            self._merge_now()
+        finally:
+            t0 = time.perf_counter()
+            if self.on_merged is not None:
+                self.on_merged()
+            self.hook_seconds = time.perf_counter() - t0
+
+    def _merge_now(self) -> None:
         if self._pending is None or self._pending == self._applied:
             return
         if self.merger_factory is None:

@@ -79,8 +79,12 @@ class SearchLoop:
     stop_reason: str | None = None
     _cache: dict[tuple, tuple[float, dict]] = field(default_factory=dict)
     _failures: int = 0
+    report_seconds: float = 0.0  # rank 0: time spent keeping report.md current
 
     def __post_init__(self) -> None:
+        if self.search is not None:
+            # Ax's bookkeeping of the previous trial starts once this trial's merge is done (search.py).
+            self.evaluator.on_merged = self.search.kick
         if self.ledger is not None:
             for rec in self.ledger.completed():
                 self._cache[_key(rec["weights"])] = (rec[OBJECTIVE], _metrics(rec))
@@ -130,8 +134,9 @@ class SearchLoop:
             return None
         _fault_point("evaluated")
         merge_s = self.evaluator.merge_seconds if not reused else 0.0
-        timing = {"ask_s": msg.get("ask_s", 0.0), "merge_s": merge_s,
-                  "eval_s": 0.0 if reused else time.perf_counter() - t0 - merge_s}
+        book_s = self.evaluator.hook_seconds if not reused else 0.0
+        timing = {"ask_s": msg.get("ask_s", 0.0), "broadcast_s": msg.get("broadcast_s", 0.0), "merge_s": merge_s,
+                  "book_s": book_s, "eval_s": 0.0 if reused else time.perf_counter() - t0 - merge_s - book_s}
         rec = self.ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
                                  "params": msg["params"], "origin": msg["origin"], "state": msg.get("state"),
                                  OBJECTIVE: value, **metrics, "reused": reused,
@@ -143,7 +148,9 @@ class SearchLoop:
         if self.bar is not None:
             self.bar.advance(rec, self.ledger.best(), search=not str(msg["origin"]).startswith("baseline:"))
         if self.on_trial is not None:
+            t = time.perf_counter()
             self.on_trial()
+            self.report_seconds += time.perf_counter() - t
         return rec
 
     def _message(self, prop, ask_s: float = 0.0) -> dict:
@@ -216,12 +223,19 @@ class SearchLoop:
         return v if v is not None else math.inf
 
     def _candidate(self, name: str, kind: str, weights: list[float], done: dict) -> dict:
-        cached = self.evaluator.broadcast(done.get((name, _key(weights))) if self.is_zero else None)
+        cached = None
+        if self.is_zero:
+            cached = done.get((name, _key(weights))) or next(
+                ({**c, "name": name, "kind": kind} for (_, w), c in done.items() if w == _key(weights)), None)
+        cached = self.evaluator.broadcast(cached)
         if cached is not None:
+            if self.is_zero and (name, _key(weights)) not in done:
+                done[(name, _key(weights))] = cached
             return cached
         rec = {"name": name, "kind": kind, "weights": list(weights), **self.full_eval(weights)}
         if self.is_zero:
             append_jsonl(self.out / "candidates.jsonl", rec)
+            done[(name, _key(weights))] = rec  # another baseline with the same weights reuses it
         return rec
 
     # --- the search ------------------------------------------------------------------------
@@ -260,7 +274,9 @@ class SearchLoop:
                     msg = self._message(prop, time.perf_counter() - t)
                 else:
                     msg = {"stop": reason}
+            t = time.perf_counter()
             msg = self.evaluator.broadcast(msg)
+            msg["broadcast_s"] = time.perf_counter() - t
             if "stop" in msg:
                 self.stop_reason = msg["stop"]
                 log.info("search stops: %s", msg["stop"])

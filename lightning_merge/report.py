@@ -98,7 +98,9 @@ class LiveReport:
         self.out, self.cfg, self.names, self.ledger = Path(out), cfg, list(source_names), ledger
         self.candidates: list[dict] = []
         self.plots: list[str] = []
-        self._plotted = -float("inf")
+        import time
+
+        self._plotted = time.monotonic()  # the first plots come after plot_every_s (or at the end)
 
     def _plots(self, results: dict, force: bool) -> None:
         import time

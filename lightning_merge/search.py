@@ -66,11 +66,13 @@ class _Bookkeeper:
     """Runs Ax client calls in order on one background thread; re-raises their errors.
 
     Calls are first deferred, then started by :meth:`kick` once the next
-    proposal is ready, so the Python-heavy Ax work overlaps the next
-    evaluation instead of competing with the proposal for the GIL.
+    proposal is made and merged, so the Python-heavy Ax work overlaps the
+    next evaluation's forward passes instead of competing with the proposal
+    and the merge for the GIL.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ax-bookkeeping")
         self._pending: list[Future] = []
         self._deferred: list[tuple] = []
@@ -80,9 +82,12 @@ class _Bookkeeper:
 
     def kick(self) -> None:
         self._raise_done()
-        for fn, args, kwargs in self._deferred:
-            self._pending.append(self._pool.submit(fn, *args, **kwargs))
-        self._deferred = []
+        deferred, self._deferred = self._deferred, []
+        for fn, args, kwargs in deferred:
+            if self.background:
+                self._pending.append(self._pool.submit(fn, *args, **kwargs))
+            else:  # search.background_bookkeeping=false: in line, on the caller's thread
+                fn(*args, **kwargs)
 
     def _raise_done(self) -> None:
         still = []
@@ -118,7 +123,7 @@ class AxSearch:
         self.client.configure_experiment(parameters=space.parameters(),
                                          parameter_constraints=space.constraints() or None, name=name)
         self.client.configure_optimization(objective=f"-{OBJECTIVE}")
-        self._book = _Bookkeeper()
+        self._book = _Bookkeeper(background=conf.background_bookkeeping)
         self._next = 0
         self._queue: list[tuple[dict[str, float], str]] = []
         self._params: dict[int, dict[str, float]] = {}
@@ -181,7 +186,6 @@ class AxSearch:
         self._next += 1
         self._params[index] = params
         self._book.defer(self._attach_now, params, index)
-        self._book.kick()  # the proposal is made: Ax catches up while the trial is evaluated
         return Proposal(index, params, self.space.weights(params), origin, state)
 
     def _attach_now(self, params: dict[str, float], expect: int) -> None:
@@ -212,6 +216,10 @@ class AxSearch:
     def save(self, path: str | Path) -> None:
         """Snapshot the Ax client atomically, after every call submitted so far."""
         self._book.defer(_save_client, self.client, Path(path))
+
+    def kick(self) -> None:
+        """Start the deferred Ax calls in the background; the driver calls it once the trial's merge is done."""
+        self._book.kick()
 
     def flush(self) -> None:
         """Wait until Ax has every result and the last snapshot is on disk."""
