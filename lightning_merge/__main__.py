@@ -47,5 +47,18 @@ def main(cfg: DictConfig) -> None:
         sys.exit(3)
 
 
-if __name__ == "__main__":
+# Hydra's flags that take no value. argparse cannot mix them into the overrides, so
+# `python -m lightning_merge +experiment=tiny -m search.alpha=0,0.5` would be refused; move them first.
+_FLAGS = ("-m", "--multirun", "--run", "--resolve", "--help", "-h", "--hydra-help", "--version")
+
+
+def cli() -> None:
+    """The console entry: Hydra's flags may come anywhere among the overrides."""
+    args = sys.argv[1:]
+    if "--" not in args and any(a in _FLAGS for a in args):
+        sys.argv[1:] = [a for a in args if a in _FLAGS] + [a for a in args if a not in _FLAGS]
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -419,11 +419,31 @@ class RunConfig:
                      "(or merge.recipe=PATH/merge.yaml)")
 
 
+def run_dirname(overrides: str, limit: int = 180) -> str:
+    """A sweep point's folder name from its overrides: one path component, deterministic.
+
+    A path in an override (``checkpoints.sources=[/ckpts/run1]``) is shortened
+    to its last component, so folders never nest; then, or when the name is
+    over ``limit`` characters, a hash of the full overrides is appended, so two
+    points never share a folder.
+    """
+    import hashlib
+    import re
+
+    name = re.sub(r"[^=,\[\]]*/([^=,\[\]/]+)", r"\1", overrides).replace("/", "_") or "default"
+    if name != overrides or len(name) > limit:
+        name = f"{name[:limit - 13]}-{hashlib.sha1(overrides.encode()).hexdigest()[:12]}"
+    return name
+
+
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore as ``schema`` (used by config.yaml)."""
+    """Register the schema in Hydra's ConfigStore as ``schema``, and the ``lm_dirname`` resolver."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="schema", node=RunConfig)
+    if not OmegaConf.has_resolver("lm_dirname"):
+        OmegaConf.register_new_resolver("lm_dirname", run_dirname)
 
 
 def to_run_config(cfg: Any) -> RunConfig:
