@@ -152,9 +152,15 @@ class AxSearch:
         state = None
         if self._queue:
             params, origin = self._queue.pop(0)
+        elif self._proposer is not None and len(self._observed) < 2:
+            # An initial point failed (e.g. a non-finite loss): the GP needs two observations, so
+            # seed it with a quasi-random point of the space, chosen by (seed, trial) like the rest.
+            import numpy as np
+
+            cands = self._proposer.candidates
+            pick = int(np.random.default_rng([self.conf.seed, self._next]).integers(len(cands)))
+            params, origin = self.space.from_unit(cands[pick].tolist()), "random-init"
         elif self._proposer is not None:
-            if len(self._observed) < 2:
-                raise RuntimeError("the paper optimizer needs two observed points before the GP proposes")
             import torch
 
             from .bo import HedgeState
