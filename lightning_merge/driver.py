@@ -241,7 +241,8 @@ def run(cfg: RunConfig) -> dict:
         return results
 
     try:
-        return _search(cfg, series, space, evaluator, full_eval, objective, out, stages, t_start, preempt)
+        return _search(cfg, series, space, evaluator, full_eval, objective, out, stages, t_start, preempt,
+                       search_blocks)
     finally:
         preempt.restore()
 
@@ -281,7 +282,7 @@ def _prepare_search(cfg: RunConfig, series: CheckpointSeries, search_blocks: tor
 
 
 def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eval, objective, out: Path,
-            stages: Stages, t_start: float, preempt) -> dict:
+            stages: Stages, t_start: float, preempt, search_blocks: torch.Tensor) -> dict:
     """Baselines, the trial loop (resumed from the ledger if there is one), the best merge, the report."""
     from . import report
     from .ledger import Ledger
@@ -306,6 +307,7 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
                           on_trial=reporter.update if reporter else None, bar=bar, preempt=preempt)
         if zero:
             evaluator.on_batch = bar.eval_progress
+        evaluator.connect(search_blocks, [0.0] * (len(series) - 1) + [1.0])  # before the first broadcast
         with stages("baselines"):
             candidates = loop.baselines(names)
         if reporter:

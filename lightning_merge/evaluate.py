@@ -315,6 +315,17 @@ class Evaluator:
     def is_global_zero(self) -> bool:
         return self.trainer.is_global_zero
 
+    def connect(self, blocks: torch.Tensor, weights: list[float]) -> None:
+        """Start every rank and the process group with one small evaluation (one block per rank).
+
+        Lightning launches the other ranks and joins the process group inside
+        the first ``validate``; until then ``broadcast`` is the identity on
+        every process, so the driver calls this before the first decision that
+        rank 0 broadcasts.
+        """
+        self.set_weights(weights)
+        self.evaluate(blocks[: max(1, self.trainer.world_size)])
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any (e.g. a preemption signal that reached one node)."""
         return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))

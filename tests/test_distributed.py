@@ -108,3 +108,33 @@ def test_bad_input_fails_on_rank_zero_before_any_process_group(tiny_run, tmp_pat
     assert proc.returncode == 2
     assert "no column 'body'" in proc.stderr and "['text']" in proc.stderr
     assert "initializing distributed" not in (proc.stdout + proc.stderr).lower()
+
+
+def test_ddp_search_makes_the_same_trials_as_one_process(tiny_run, tmp_path):
+    """The whole search loop under DDP (2 ranks): baselines, reuse and GP trials agree with one process."""
+    def search(out, *strategy):
+        args = [sys.executable, "-m", "lightning_merge", "demo.enabled=false",
+                f"checkpoints.sources=[{tiny_run['ckdir']}]", "checkpoints.last=3",
+                f"data.heldout.path={tiny_run['heldout']}", f"data.heldout.block_size={BLOCK}",
+                f"data.heldout.num_blocks={NBLOCKS}", "data.search_blocks=13", "data.batch_size=4",
+                "search.trials=4", "search.acquisition=ei", "report.progress=false", "merge.write=false",
+                f"output_dir={out}", *strategy]
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        last = {}
+        for line in (out / "trials.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            last[rec["trial"]] = rec
+        return last, json.loads((out / "results.json").read_text())
+
+    one, res1 = search(tmp_path / "one", "strategy=single")
+    two, res2 = search(tmp_path / "two", "strategy=ddp", "strategy.devices=2")
+    assert sorted(one) == sorted(two)
+    for i in one:
+        assert two[i]["origin"] == one[i]["origin"] and two[i]["status"] == one[i]["status"] == "completed"
+        assert two[i]["weights"] == pytest.approx(one[i]["weights"], abs=1e-9)
+        assert two[i]["objective"] == pytest.approx(one[i]["objective"], rel=1e-6)
+    assert [c["name"] for c in res2["candidates"]] == [c["name"] for c in res1["candidates"]]
+    for a, b in zip(res1["candidates"], res2["candidates"]):
+        assert b["heldout_loss"] == pytest.approx(a["heldout_loss"], rel=1e-6)
