@@ -172,7 +172,19 @@ def print_summary(results: dict, cfg) -> None:
 
 def model_card(series, best: dict, candidates: list[dict], cfg) -> str:
     """The merged model's README.md: sources, weights, metric, gains, and how to reproduce."""
-    rows = "\n".join(f"| {c['name']} | {_w(c['weights'])} | {c['heldout_loss']:.4f} |" for c in candidates)
+    singles = [c for c in candidates if c.get("kind") == "checkpoint"]
+    ref = singles[-1]["heldout_loss"] if singles else None
+    rows = "\n".join(f"| {c['name']} | {_w(c['weights'])} | {c['heldout_loss']:.4f} | "
+                     f"{_gain(c['heldout_loss'], ref):+.2f}% |" if ref else
+                     f"| {c['name']} | {_w(c['weights'])} | {c['heldout_loss']:.4f} | |" for c in candidates)
+    others = [c for c in candidates if c.get("kind") != "search"]
+    gains = ""
+    if ref and others:
+        top = min(others, key=lambda c: c["heldout_loss"])
+        gains = (f"\nThe merge's held-out loss is {best['heldout_loss']:.4f}: "
+                 f"{_gain(best['heldout_loss'], ref):+.2f}% against the last checkpoint ({ref:.4f}) and "
+                 f"{_gain(best['heldout_loss'], top['heldout_loss']):+.2f}% against the best other candidate "
+                 f"({top['name']}, {top['heldout_loss']:.4f}); positive means lower loss.\n")
     src = "\n".join(f"{i}. `{p}` (weight {w:.4f})" for i, (p, w) in
                     enumerate(zip(series.paths, best["weights"])))
     return f"""---
@@ -189,8 +201,9 @@ Liu et al., *Checkpoint Merging via Bayesian Optimization in LLM Pretraining*, a
 {src}
 
 ## Held-out loss (token-weighted mean NLL, nats/token)
-| candidate | weights | held-out loss |
-|---|---|---|
+{gains}
+| candidate | weights | held-out loss | gain vs last |
+|---|---|---|---|
 {rows}
 
 ## Reproduce
