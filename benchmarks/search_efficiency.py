@@ -41,7 +41,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,7 +77,13 @@ class Objective:
         from lightning_merge.checkpoints import CheckpointSeries
         from lightning_merge.config import CheckpointsConf, DemoConf, RunConfig
         from lightning_merge.data import evenly_spaced, load_blocks
-        from lightning_merge.driver import Stages, _build_model, _merger_factory, _resolve_inputs, _seed_everything
+        from lightning_merge.driver import (
+            Stages,
+            _build_model,
+            _merger_factory,
+            _resolve_inputs,
+            _seed_everything,
+        )
         from lightning_merge.evaluate import Evaluator
 
         cfg = RunConfig(demo=DemoConf(enabled=True), checkpoints=CheckpointsConf(last=4))
@@ -194,8 +200,8 @@ def pairwise(obj: Objective, seeds: list[int], trials: int, dense: int) -> dict:
           f"lam=1 (newest) {curve[-1][1]:.5f}", flush=True)
 
     rows = []
-    optimizers = [(f"paper ({a})", dict(name="paper", acquisition=a)) for a in ("ei", "pi", "ucb", "gp_hedge")]
-    optimizers += [("ax", dict(name="ax")), ("random", dict(name="random"))]
+    optimizers = [(f"paper ({a})", {"name": "paper", "acquisition": a}) for a in ("ei", "pi", "ucb", "gp_hedge")]
+    optimizers += [("ax", {"name": "ax"}), ("random", {"name": "random"})]
     for label, kw in optimizers:
         load, runs = Load(), []
         for s in seeds:
@@ -266,8 +272,8 @@ def simplex(obj: Objective, seeds: list[int], trials: int) -> list[dict]:
     rows = []
     for par in ("constrained", "normalized"):
         space = SimplexSpace(k=k, parameterization=par)
-        for label, kw in (("paper (gp_hedge)", dict(name="paper", acquisition="gp_hedge")), ("ax", dict(name="ax")),
-                          ("random", dict(name="random")), ("grid", dict(name="grid"))):
+        for label, kw in (("paper (gp_hedge)", {"name": "paper", "acquisition": "gp_hedge"}), ("ax", {"name": "ax"}),
+                          ("random", {"name": "random"}), ("grid", {"name": "grid"})):
             load, runs = Load(), []
             for s in seeds:
                 conf = SearchConf(space="simplex", parameterization=par, trials=trials, seed=s, **kw)
@@ -335,7 +341,7 @@ def main() -> None:
           f"{len(seeds)} seeds; {obj.evals} distinct evaluations ({obj.seconds / max(obj.evals, 1):.2f} s each), "
           f"{time.monotonic() - T0:.0f} s in all; other processes kept {other:.2f} CPUs busy on average ==")
     print_pairwise(pw, seeds)
-    print(f"\nbaselines: " + ", ".join(f"{n} {v:.5f}" for n, _, v in base) + f"; best {best_name}")
+    print("\nbaselines: " + ", ".join(f"{n} {v:.5f}" for n, _, v in base) + f"; best {best_name}")
     print_simplex(sx, best_base)
     if obj.negative:
         print(f"\n{len(obj.negative)} distinct proposals had a weight below 0 (min_weight=0), e.g. "

@@ -6,8 +6,9 @@ every later one comes from a GP surrogate with the configured acquisition (EI,
 PI, UCB or GP-Hedge over the three; see ``bo.py``). Its points, and the
 baselines', are attached to the Ax experiment (``attach_trial``). ``ax`` is the
 Ax ``Client`` default (a centre point and Sobol, then its BoTorch GP).
-``grid`` walks evenly spaced points (quasi-random ones on a simplex);
-``random`` lets Ax draw uniformly. The objective is minimised.
+``grid`` walks evenly spaced points (seeded quasi-random ones on a simplex);
+``random`` is Ax's ``random_search`` (the centre of the space, then
+scrambled Sobol points). The objective is minimised.
 
 Ax bookkeeping is off the critical path. Ax's ``complete_trial`` and the JSON
 snapshot cost tens of milliseconds a trial and grow with the experiment, while
@@ -139,7 +140,7 @@ class AxSearch:
         elif conf.name == "ax":
             self.client.configure_generation_strategy(method="fast", initialization_random_seed=conf.seed)
         elif conf.name == "grid":
-            self._queue = [(p, "grid") for p in space.grid(conf.trials)]
+            self._queue = [(p, "grid") for p in space.grid(conf.trials, seed=conf.seed)]
         elif conf.name == "random":
             self.client.configure_generation_strategy(method="random_search",
                                                       initialization_random_seed=conf.seed)

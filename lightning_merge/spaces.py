@@ -96,7 +96,8 @@ class PairwiseSpace:
         """Algorithm 1's two starting points: ``lam = alpha`` and ``lam = 1``."""
         return [self.params(self.alpha), self.params(1.0)]
 
-    def grid(self, n: int) -> list[dict[str, float]]:
+    def grid(self, n: int, seed: int = 0) -> list[dict[str, float]]:
+        """``n`` evenly spaced ``lam`` from ``alpha`` to 1 (``seed`` is unused: a line has one grid)."""
         return [self.params(self.alpha + (1.0 - self.alpha) * i / max(n - 1, 1)) for i in range(n)]
 
     def to_unit(self, params: dict[str, float]) -> list[float]:
@@ -181,9 +182,9 @@ class SimplexSpace:
         one_hot = [0.0] * (self.k - 1) + [1.0]
         return [p for p in (self.params_for(one_hot), self.params_for([1.0 / self.k] * self.k)) if p is not None]
 
-    def grid(self, n: int) -> list[dict[str, float]]:
+    def grid(self, n: int, seed: int = 0) -> list[dict[str, float]]:
         """``n`` quasi-random points of the simplex (a lattice grows as n^(K-1); Sobol covers it evenly)."""
-        u = self.candidates(max(n, 1), seed=0)[:n]
+        u = self.candidates(max(n, 1), seed=seed)[:n]
         return [self.from_unit(x.tolist()) for x in u]
 
     def to_unit(self, params: dict[str, float]) -> list[float]:
