@@ -157,10 +157,9 @@ def run(cfg: RunConfig) -> dict:
     _seed_everything(cfg.seed, cfg.threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _resolve_inputs(cfg, stages)
-
-    if cfg.merge.recipe:
+    if cfg.merge.recipe:  # first: a recipe names its sources, so the embedded demo is not needed
         cfg = _apply_recipe(cfg)
+    cfg = _resolve_inputs(cfg, stages)
     with stages("open checkpoints"):
         c = cfg.checkpoints
         series = CheckpointSeries.from_sources(c.sources, selector=c.selector(), strip_prefix=c.strip_prefix,
