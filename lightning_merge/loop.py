@@ -209,11 +209,13 @@ class SearchLoop:
         single_obj = []
         cands = []
         for name, kind, w in specs:
+            if self._preempted():  # the run saves and requeues; a resume reuses what is done
+                return cands
             value = self.trial_for(w, f"baseline:{name}")
             if kind == "checkpoint":
                 single_obj.append(value if value is not None else math.inf)
             cands.append(self._candidate(name, kind, w, done))
-        if conf.enabled and conf.greedy_soup and k > 1:
+        if conf.enabled and conf.greedy_soup and k > 1 and not self._preempted():
             soup, _ = greedy_soup(single_obj, lambda w: self._soup_value(w))
             cands.append(self._candidate("greedy soup", "baseline", soup, done))
         return cands
@@ -237,6 +239,10 @@ class SearchLoop:
             append_jsonl(self.out / "candidates.jsonl", rec)
             done[(name, _key(weights))] = rec  # another baseline with the same weights reuses it
         return rec
+
+    def _preempted(self) -> bool:
+        """Every rank: whether a preemption signal reached any rank (a collective vote)."""
+        return self.preempt is not None and self.evaluator.any_rank(self.preempt.requested)
 
     # --- the search ------------------------------------------------------------------------
     def _should_stop(self, started: float, preempted: bool) -> str | None:
@@ -265,7 +271,7 @@ class SearchLoop:
         while True:
             msg = None
             # Every rank votes: SLURM signals every task, but a signal may reach some nodes first.
-            preempted = self.preempt is not None and self.evaluator.any_rank(self.preempt.requested)
+            preempted = self._preempted()
             if self.is_zero:
                 reason = self._should_stop(started, preempted)
                 if reason is None:

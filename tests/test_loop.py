@@ -126,3 +126,18 @@ def test_baselines_outside_the_space_are_candidates_not_trials(tmp_path):
     assert {c["name"] for c in cands} >= {"uniform = LAWA (last 2)", "EMA (a=0.2)"}
     assert next(c for c in cands if c["name"].startswith("EMA"))["heldout_loss"] == pytest.approx(bowl([0.8, 0.2]))
     loop.search.close()
+
+
+def test_a_preemption_during_the_baselines_stops_before_the_next_one(tmp_path):
+    loop, calls = make_loop(tmp_path, bowl)
+    loop.preempt = SimpleNamespace(requested=False, signal_name=None)
+
+    def on_trial():
+        loop.preempt.requested, loop.preempt.signal_name = True, "SIGTERM"
+
+    loop.on_trial = on_trial  # the signal arrives during the first baseline trial ("b": "a" is off the space)
+    cands = loop.baselines(["a", "b"])
+    assert [c["name"] for c in cands] == ["a", "b"]  # the baseline in flight finished; no other started
+    assert loop.run() == "preempted (SIGTERM)"
+    assert len(loop.ledger.completed()) == 1
+    loop.search.close()
