@@ -51,23 +51,14 @@ TIME = "/usr/bin/time"
 # ---------------------------------------------------------------- the checkpoints
 
 def _tokenizer(vocab_size: int):
-    """A byte-level BPE trained offline on a few stdlib sources, wrapped for transformers."""
+    """A byte-level BPE trained offline on a few stdlib sources (the demo's trainer)."""
     import inspect
     import json as json_mod
     import textwrap
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from lightning_merge.demo import train_tokenizer
 
-    corpus = [inspect.getsource(m) for m in (json_mod, textwrap, argparse, re)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
+    return train_tokenizer([inspect.getsource(m) for m in (json_mod, textwrap, argparse, re)], vocab_size)
 
 
 def build_checkpoints(workdir: Path, n: int, spec: dict) -> list[Path]:

@@ -347,7 +347,7 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
                                   merged_dir=merged, stages=stages.seconds)
     results["stop_reason"] = reason
     if zero:
-        results["per_trial"] = _per_trial(ledger, loop.report_seconds)
+        results["per_trial"] = _per_trial(ledger, loop.report_seconds / max(loop.trials_run, 1))
     if zero:
         report.write_results(out, results)
         reporter.finish(results)
@@ -355,14 +355,14 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
     return results
 
 
-def _per_trial(ledger, report_seconds: float) -> dict:
+def _per_trial(ledger, report_s: float) -> dict:
     """Mean seconds per evaluated search trial, by part: what the search costs on top of evaluation."""
     done = [r for r in ledger.search_trials() if not r.get("reused") and "eval_s" in r]
     if not done:
         return {}
     keys = ("ask_s", "broadcast_s", "merge_s", "book_s", "eval_s")
     out = {k: sum(r.get(k, 0.0) for r in done) / len(done) for k in keys}
-    out["report_s"] = report_seconds / max(len(ledger.completed()), 1)
+    out["report_s"] = report_s
     out["evaluated_trials"] = len(done)
     out["overhead_fraction"] = (out["ask_s"] + out["broadcast_s"] + out["merge_s"]) / out["eval_s"]
     return out

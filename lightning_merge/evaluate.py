@@ -331,18 +331,15 @@ class Evaluator:
         return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
 
     def broadcast(self, obj: Any) -> Any:
-        """Send ``obj`` from rank 0 to every rank (identity on one process)."""
-        return self.trainer.strategy.broadcast(obj, src=0)
+        """Send ``obj`` from rank 0 to every rank (identity on one process).
 
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        """The model's parameters and buffers by name, as stored (tied weights appear once)."""
-        out: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for name, t in list(self.module.model.named_parameters()) + list(self.module.model.named_buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                out[name] = t
-        return out
+        Before the first evaluation Lightning has not started the other ranks,
+        and its broadcast would silently return each rank's own ``obj``; that is
+        refused here (call :meth:`connect` first).
+        """
+        if self.trainer.world_size > 1 and not torch.distributed.is_initialized():
+            raise RuntimeError("Evaluator.broadcast before the ranks are connected: call connect() first")
+        return self.trainer.strategy.broadcast(obj, src=0)
 
     def evaluate_mc(self, data) -> dict:
         """Exact multiple-choice accuracy (acc, acc_norm) of the current parameters."""

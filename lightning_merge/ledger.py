@@ -42,7 +42,11 @@ class Ledger:
     @classmethod
     def open(cls, path: str | Path) -> "Ledger":
         led = cls(Path(path))
-        for rec in read_jsonl(led.path):
+        for n, rec in enumerate(read_jsonl(led.path), 1):
+            missing = [k for k in ("trial", "status", "weights", "params") if k not in rec]
+            if missing or (rec["status"] == "completed" and OBJECTIVE not in rec):
+                raise ConfigError(f"{led.path}: record {n} lacks {missing or [OBJECTIVE]}; this ledger was not "
+                                  "written by this version. Add search.restart=true to set it aside and start afresh")
             led.records[int(rec["trial"])] = rec
         return led
 
@@ -74,7 +78,11 @@ def check_fingerprint(out: Path, fingerprint: dict, n_records: int) -> None:
     """Refuse to resume trials made under another fingerprint; record it for a fresh search."""
     path = Path(out) / STATE
     if n_records and path.exists():
-        old = json.loads(path.read_text()).get("fingerprint", {})
+        try:
+            old = json.loads(path.read_text()).get("fingerprint", {})
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ConfigError(f"{path} is not the JSON this tool writes ({e}); add search.restart=true to set "
+                              f"the earlier search aside and start afresh") from None
         for key in sorted(set(old) | set(fingerprint)):
             if old.get(key) != fingerprint.get(key):
                 raise ConfigError(

@@ -76,10 +76,10 @@ class SearchLoop:
     on_trial: Callable[[], None] | None = None
     bar: Any = None  # report._Bar
     preempt: Any = None  # slurm.Preemption (flag only)
-    stop_reason: str | None = None
     _cache: dict[tuple, tuple[float, dict]] = field(default_factory=dict)
     _failures: int = 0
     report_seconds: float = 0.0  # rank 0: time spent keeping report.md current
+    trials_run: int = 0  # rank 0: trials completed by this process
 
     def __post_init__(self) -> None:
         if self.search is not None:
@@ -104,14 +104,9 @@ class SearchLoop:
         self._cache[_key(weights)] = (value, metrics)
         return value, metrics, False
 
-    def evaluate_off_space(self, weights: list[float]) -> float:
-        """Every rank: the objective of weights outside the search space (not an Ax trial)."""
-        reuse = self.evaluator.broadcast(self._cache.get(_key(weights)) if self.is_zero else None)
-        return self._objective_shared(weights, reuse)[0]
-
     # --- one trial -------------------------------------------------------------------------
-    def _run_trial(self, msg: dict) -> dict | None:
-        """Every rank: evaluate the broadcast trial; rank 0 records it. Returns the ledger record (rank 0)."""
+    def _run_trial(self, msg: dict) -> float | None:
+        """Every rank: evaluate the broadcast trial; rank 0 records it. Returns its objective (None: failed)."""
         t0 = time.perf_counter()
         if self.ledger is not None:
             self.ledger.write({"trial": msg["index"], "status": "running", "weights": msg["weights"],
@@ -131,7 +126,7 @@ class SearchLoop:
             return None
         self._failures = 0
         if not self.is_zero:
-            return None
+            return value
         _fault_point("evaluated")
         merge_s = self.evaluator.merge_seconds if not reused else 0.0
         book_s = self.evaluator.hook_seconds if not reused else 0.0
@@ -151,7 +146,8 @@ class SearchLoop:
             t = time.perf_counter()
             self.on_trial()
             self.report_seconds += time.perf_counter() - t
-        return rec
+        self.trials_run += 1
+        return value
 
     def _message(self, prop, ask_s: float = 0.0) -> dict:
         return {"index": prop.index, "weights": prop.weights, "params": prop.params, "origin": prop.origin,
@@ -163,31 +159,26 @@ class SearchLoop:
         Returns the objective, or None if the evaluation failed. Weights the
         ledger already holds as a completed trial are not recorded again.
         """
-        in_space = self.space.params_for(weights) is not None and self.cfg.baselines.as_trials
+        params = self.space.params_for(weights) if self.cfg.baselines.as_trials else None
         msg = None
         if self.is_zero:
             done = [r for r in self.ledger.completed() if _key(r["weights"]) == _key(weights)]
             if done:
                 msg = {"done": done[0][OBJECTIVE]}
-            elif in_space:
-                msg = self._message(self.search.attach(self.space.params_for(weights), origin))
-            else:
-                msg = {"off_space": True}
+            elif params is not None:
+                msg = self._message(self.search.attach(params, origin))
+            else:  # outside the space: evaluated (or reused), but not an Ax trial
+                msg = {"off_space": True, "reuse": self._cache.get(_key(weights))}
         msg = self.evaluator.broadcast(msg)
         if "done" in msg:
             return float(msg["done"])
         if msg.get("off_space"):
             try:
-                return self.evaluate_off_space(weights)
+                return self._objective_shared(weights, msg["reuse"])[0]
             except (FloatingPointError, ValueError, RuntimeError) as e:
                 log.warning("baseline %s failed: %s", origin, e)
                 return None
-        rec = self._run_trial(msg)
-        if self.is_zero:
-            value = rec[OBJECTIVE] if rec is not None else None
-        else:
-            value = None
-        return self.evaluator.broadcast(value)
+        return self._run_trial(msg)  # the same on every rank: the objective is all-reduced
 
     # --- baselines -------------------------------------------------------------------------
     def baselines(self, names: list[str]) -> list[dict]:
@@ -284,7 +275,6 @@ class SearchLoop:
             msg = self.evaluator.broadcast(msg)
             msg["broadcast_s"] = time.perf_counter() - t
             if "stop" in msg:
-                self.stop_reason = msg["stop"]
                 log.info("search stops: %s", msg["stop"])
                 return msg["stop"]
             self._run_trial(msg)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -98,13 +99,9 @@ class LiveReport:
         self.out, self.cfg, self.names, self.ledger = Path(out), cfg, list(source_names), ledger
         self.candidates: list[dict] = []
         self.plots: list[str] = []
-        import time
-
         self._plotted = time.monotonic()  # the first plots come after plot_every_s (or at the end)
 
     def _plots(self, results: dict, force: bool) -> None:
-        import time
-
         if not force and time.monotonic() - self._plotted < self.cfg.report.plot_every_s:
             return
         from .plots import write_plots

@@ -27,18 +27,10 @@ CORPUS = [
 
 
 def make_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE trained offline with `tokenizers`, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained offline with `tokenizers` (the demo's trainer), wrapped for transformers."""
+    from lightning_merge.demo import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
+    return train_tokenizer(CORPUS, vocab_size)
 
 
 def make_llama(path: Path, seed: int, tokenizer, hidden: int = 32, layers: int = 2,
