@@ -264,17 +264,20 @@ def baselines(obj: Objective) -> list[tuple[str, list[float], float]]:
     return out
 
 
-def simplex(obj: Objective, seeds: list[int], trials: int) -> list[dict]:
+def simplex(obj: Objective, seeds: list[int], trials: int, only: set[str] | None = None,
+            parameterizations: tuple[str, ...] = ("constrained", "normalized")) -> list[dict]:
     from lightning_merge.config import SearchConf
     from lightning_merge.spaces import SimplexSpace
 
     k = len(obj.series)
     marks = sorted({max(1, trials // 3), max(1, 2 * trials // 3), trials})
     rows = []
-    for par in ("constrained", "normalized"):
+    for par in parameterizations:
         space = SimplexSpace(k=k, parameterization=par)
         for label, kw in (("paper (gp_hedge)", {"name": "paper", "acquisition": "gp_hedge"}), ("ax", {"name": "ax"}),
                           ("random", {"name": "random"}), ("grid", {"name": "grid"})):
+            if only and kw["name"] not in only:
+                continue
             load, runs = Load(), []
             for s in seeds:
                 conf = SearchConf(space="simplex", parameterization=par, trials=trials, seed=s, **kw)
@@ -317,6 +320,9 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=1e-3,
                     help="pairwise: relative distance to the dense-grid best that counts as reached (0.001 = 0.1%%)")
     ap.add_argument("--pairwise-only", action="store_true", help="skip the baselines and the simplex part")
+    ap.add_argument("--simplex-only", default=None,
+                    help="only these simplex optimizers (comma-separated names, e.g. paper,grid), constrained only; "
+                         "skips the pairwise part and the comparison of parameterizations")
     args = ap.parse_args()
     global REL
     REL = args.tolerance
@@ -331,6 +337,13 @@ def main() -> None:
     obj = Objective()
     say(f"sources {', '.join(obj.names)}; search blocks {tuple(obj.blocks.shape)}; torch threads 1")
 
+    if args.simplex_only:
+        base = baselines(obj)
+        best_name, _, best_base = min(base, key=lambda x: x[2])
+        print(f"best baseline: {best_name} {best_base:.5f}", flush=True)
+        print_simplex(simplex(obj, seeds, args.simplex_trials, set(args.simplex_only.split(",")),
+                              ("constrained",)), best_base)
+        return
     pw = pairwise(obj, seeds, args.pairwise_trials, args.dense)
     if args.pairwise_only:
         print_pairwise(pw, seeds)
