@@ -6,8 +6,12 @@ before any heavy work. For safetensors (single or sharded) the manifest comes
 from the headers alone. ``pytorch_model.bin`` files (single or sharded) and
 Lightning ``.ckpt`` files are memory-mapped with ``torch.load(weights_only=True)``,
 which refuses pickles holding arbitrary objects: nothing user-supplied is ever
-unpickled. DeepSpeed ZeRO training folders are consolidated with DeepSpeed's
-own ``zero_to_fp32`` (lazily). Tensors are read one at a time
+unpickled. A torch file must be a state dict (or a Lightning ``.ckpt`` holding
+one): a training-state file such as nanoGPT's ``ckpt.pt`` is refused, naming
+the state dicts inside it (``torchfiles.state_dict_of``). DeepSpeed ZeRO training
+folders are consolidated with DeepSpeed's own ``zero_to_fp32`` (lazily).
+Formats recognised but not read yet (DCP, LitGPT, ...) are refused by name
+(``unread.unread_format``). Tensors are read one at a time
 (:meth:`Checkpoint.read`) or all at once for the resident search loop
 (:meth:`CheckpointSeries.load_resident`).
 
@@ -18,14 +22,20 @@ Finding sources (hub repos, folders of checkpoints, selectors) lives in
 from __future__ import annotations
 
 import json
+import logging
 import math
-import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from .errors import CheckpointError
+from .torchfiles import state_dict_of, torch_load
+from .unread import unread_format
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "TensorInfo", "Checkpoint", "CheckpointSeries", "is_checkpoint"]
 
@@ -43,10 +53,6 @@ _BIN_INDEX = "pytorch_model.bin.index.json"
 _FILE_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 # Wrapper prefixes that training frameworks put in front of the model's own names.
 _WRAPPERS = ("module", "_forward_module", "model", "_orig_mod")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or incompatible; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -124,27 +130,24 @@ def _is_zero_dir(p: Path) -> bool:
 def is_checkpoint(p: Path) -> bool:
     """True for anything :meth:`Checkpoint.open` can read."""
     if p.is_file():
-        return p.suffix in _FILE_SUFFIXES
+        return p.suffix in _FILE_SUFFIXES and p.name != "lit_model.pth"  # LitGPT's names: refused by name
     return p.is_dir() and (any((p / f).exists() for f in (_SINGLE, _INDEX, _BIN, _BIN_INDEX)) or _is_zero_dir(p))
 
 
-def _torch_load(file: Path) -> dict:
-    """Load a torch pickle with ``weights_only=True`` (memory-mapped when the format allows)."""
-    try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{file}: refused to load: it holds more than tensors ({first}). lightning_merge only loads "
-            "torch files with weights_only=True and never unpickles arbitrary objects; convert it to "
-            "safetensors with code you trust") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{file}: corrupt or truncated torch file ({str(e).splitlines()[0]})") from None
+# Files any of which makes a folder hold a tokenizer that AutoTokenizer can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt", "tokenizer.tiktoken")
+
+
+def has_tokenizer(folder: Path | None) -> bool:
+    """True when ``folder`` holds tokenizer files (see ``TOKENIZER_FILES``)."""
+    return folder is not None and any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
+def _not_read(path: Path) -> str | None:
+    """The refusal for a format recognised but not read (DCP, Megatron, ...), from ``sources.py``."""
+    return unread_format(path) or (None if path.is_dir() else
+                                   f"{path}: not a checkpoint file (expected one of {', '.join(_FILE_SUFFIXES)})")
 
 
 def strip_wrapper_prefix(state: dict, prefix: str | None = None) -> dict:
@@ -185,9 +188,9 @@ class Checkpoint:
         if path.is_file():
             if path.suffix == ".safetensors":
                 return cls._from_safetensors(path, [path], None)
-            state = _torch_load(path)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]  # a Lightning .ckpt
+            if path.suffix not in _FILE_SUFFIXES or path.name == "lit_model.pth":
+                raise CheckpointError(_not_read(path))
+            state = state_dict_of(path, torch_load(path))
             return cls._from_state(path, state, None, strip_prefix)
         if (path / _INDEX).exists():
             return cls._from_safetensors(path, cls._index_files(path, _INDEX), cfg)
@@ -197,12 +200,12 @@ class Checkpoint:
             files = cls._index_files(path, _BIN_INDEX) if (path / _BIN_INDEX).exists() else [path / _BIN]
             state: dict = {}
             for f in files:
-                state.update(_torch_load(f))
+                state.update(state_dict_of(f, torch_load(f)))
             return cls._from_state(path, state, cfg, strip_prefix="")
         if _is_zero_dir(path):
             return cls._from_zero(path, cfg, strip_prefix)
-        raise CheckpointError(f"{path}: no {_SINGLE}, {_INDEX}, {_BIN} or DeepSpeed ZeRO checkpoint found "
-                              f"(found: {sorted(p.name for p in path.iterdir())[:8]})")
+        raise CheckpointError(_not_read(path) or f"{path}: no {_SINGLE}, {_INDEX}, {_BIN} or DeepSpeed ZeRO "
+                              f"checkpoint found (found: {sorted(p.name for p in path.iterdir())[:8]})")
 
     @staticmethod
     def _index_files(path: Path, index_name: str) -> list[Path]:
@@ -300,6 +303,7 @@ class CheckpointSeries:
 
     checkpoints: list[Checkpoint]
     config_dir: Path | None = None
+    tokenizer_dir: Path | None = None  # when the tokenizer is not beside config.json
 
     @classmethod
     def from_sources(cls, sources: Sequence[str | Path], last: int | None = None, *,
@@ -314,13 +318,24 @@ class CheckpointSeries:
         if selector is None:
             selector = Selector(last=last)
         paths = resolve_sources(sources, selector, hub_cache=hub_cache)
+        return cls.from_paths(paths, strip_prefix=strip_prefix, config_dir=config_dir)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Path], *, strip_prefix: str | None = None,
+                   config_dir: str | Path | None = None) -> "CheckpointSeries":
+        """Open and check checkpoints already resolved (``sources.resolve_sources``), in this order."""
         series = cls([Checkpoint.open(p, strip_prefix=strip_prefix) for p in paths])
+        own = next((c.config_dir for c in reversed(series.checkpoints) if c.config_dir), None)
+        series.config_dir = own
         if config_dir is not None:
-            series.config_dir = Path(config_dir).expanduser()
-            if not (series.config_dir / "config.json").exists():
-                raise CheckpointError(f"checkpoints.config_dir: {series.config_dir} has no config.json")
-        else:
-            series.config_dir = next((c.config_dir for c in reversed(series.checkpoints) if c.config_dir), None)
+            given = Path(config_dir).expanduser()
+            if (given / "config.json").exists():
+                series.config_dir = given
+            elif own is not None and has_tokenizer(given):
+                series.tokenizer_dir = given  # a tokenizer-only folder; the checkpoints carry config.json
+            else:
+                raise CheckpointError(f"checkpoints.config_dir: {given} has no config.json"
+                                      + ("" if own is not None else " (and the checkpoints carry none)"))
         series.check()
         return series
 
