@@ -7,6 +7,12 @@ non-overlapping blocks of ``block_size`` tokens (no padding inside a block).
 whole stream. Each block predicts ``block_size - 1`` tokens; the loss of a set
 is the sum of their NLL over their count (see ``evaluate.py``).
 
+A ``.txt`` file is cut into documents as ``txt_documents`` says: ``file`` (the
+whole file is one document: the default, so a ``.txt`` scores as the same text
+in one ``.jsonl`` row does), ``blank_lines`` (paragraphs, each kept with its own
+line breaks) or ``lines`` (one document per line, blank lines dropped: an EOS
+after every line, which scores code or prose as much harder text than it is).
+
 Tokenized blocks are cached under ``cache_dir/blocks/`` keyed on the dataset's
 fingerprint, the tokenizer and every option that shapes the blocks, so a
 second run (or the other ranks of this one) does not tokenize again.
@@ -20,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +43,12 @@ log = logging.getLogger(__name__)
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
              ".csv": "csv"}
 _FORMAT = 1  # bump when the block layout changes, to invalidate caches
+# (``txt_documents`` is part of the key through ``asdict(conf)``: caches written before it existed,
+# when a .txt was read by lines, have other keys and are never read as ``file``.)
+TXT_DOCUMENTS = ("file", "blank_lines", "lines")
+_TXT_SAMPLE_BY = {"file": "document", "blank_lines": "document", "lines": "line"}
+# One or more blank (empty or spaces/tabs only) lines, at the start or after a line break.
+_BLANK_LINES = re.compile(r"(?:^|(?<=\n))[ \t]*\n(?:[ \t]*\n)*")
 
 
 class DataError(ValueError):
@@ -43,8 +56,12 @@ class DataError(ValueError):
 
 
 def load_dataset_split(path: str = "", name: str | None = None, config_name: str | None = None,
-                       split: str = "train", what: str = "data.heldout"):
-    """A ``datasets.Dataset`` from a local file or a hub dataset (offline from its cache)."""
+                       split: str = "train", what: str = "data.heldout", txt_documents: str = "file"):
+    """A ``datasets.Dataset`` from a local file or a hub dataset (offline from its cache).
+
+    A ``.txt`` file is cut into rows (documents) as ``txt_documents`` says (see
+    the module docstring), and the reading is logged.
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -57,6 +74,8 @@ def load_dataset_split(path: str = "", name: str | None = None, config_name: str
             raise DataError(f"{what}.path: {p} has unsupported type {p.suffix!r}; use one of {sorted(_BUILDERS)}")
         if split != "train":
             raise DataError(f"{what}.split={split!r}: a local file has only the split 'train'")
+        if builder == "text":
+            return _load_txt(p, what, txt_documents)
         return datasets.load_dataset(builder, data_files=str(p), split="train")
     if not name:
         raise DataError(f"{what}: give a local `path` or a hub dataset `name`")
@@ -71,9 +90,44 @@ def load_dataset_split(path: str = "", name: str | None = None, config_name: str
                         f"cache and the hub cannot be reached ({type(e).__name__}: {e})") from None
 
 
-def load_texts(path: str | Path, text_column: str = "text") -> list[str]:
-    """The non-empty documents of a local json/jsonl/parquet/txt file."""
-    return _texts(load_dataset_split(str(path)), text_column, str(path))
+def _load_txt(p: Path, what: str, txt_documents: str):
+    """A ``.txt`` file as rows of documents (``file`` | ``blank_lines`` | ``lines``).
+
+    datasets' own ``sample_by="paragraph"`` is not used: it splits on the exact
+    string ``"\\n\\n"``, so a third newline starts the next paragraph, a line of
+    spaces separates nothing, and only the last paragraph keeps its final line
+    break. Paragraphs are cut here from the one-document reading instead (by a
+    module-level function, so the dataset's fingerprint, and the block cache
+    keyed on it, stay stable across runs).
+    """
+    import datasets
+
+    if txt_documents not in TXT_DOCUMENTS:
+        raise DataError(f"{what}.txt_documents={txt_documents!r}: use one of {list(TXT_DOCUMENTS)}")
+    ds = datasets.load_dataset("text", data_files=str(p), split="train", sample_by=_TXT_SAMPLE_BY[txt_documents])
+    if txt_documents == "file":
+        how = "1 document"
+    elif txt_documents == "blank_lines":
+        ds = ds.map(_paragraph_rows, batched=True, keep_in_memory=True)
+        how = f"{ds.num_rows} documents separated by blank lines"
+    else:
+        how = f"one document per line ({ds.num_rows} lines; blank ones are dropped)"
+    log.info("%s: %s read as %s (%s.txt_documents=%s)", what, p, how, what, txt_documents)
+    return ds
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The paragraphs of ``text``: runs of non-blank lines, each kept with its own line breaks."""
+    return [para for para in _BLANK_LINES.split(text) if para.strip()]
+
+
+def _paragraph_rows(batch: dict) -> dict:
+    return {"text": [para for text in batch["text"] for para in _paragraphs(text or "")]}
+
+
+def load_texts(path: str | Path, text_column: str = "text", txt_documents: str = "file") -> list[str]:
+    """The non-empty documents of a local json/jsonl/parquet/txt file (``.txt``: see ``txt_documents``)."""
+    return _texts(load_dataset_split(str(path), txt_documents=txt_documents), text_column, str(path))
 
 
 def _texts(ds, text_column: str, where: str) -> list[str]:
@@ -154,7 +208,8 @@ def load_blocks(conf: TextSetConf, tokenizer, name: str = "heldout", cache_dir: 
                 ) -> torch.Tensor:
     """Load, subset, tokenize and pack one configured set (cached); log its size."""
     where = conf.path or f"{conf.name}:{conf.config_name}:{conf.split}"
-    ds = load_dataset_split(conf.path, conf.name, conf.config_name, conf.split, what=f"data.{name}")
+    ds = load_dataset_split(conf.path, conf.name, conf.config_name, conf.split, what=f"data.{name}",
+                            txt_documents=conf.txt_documents)
     cache = None
     if cache_dir is not None:
         key = hashlib.sha1(json.dumps([_FORMAT, ds._fingerprint, _tokenizer_hash(tokenizer), asdict(conf)],

@@ -17,14 +17,14 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .checkpoints import CheckpointError, CheckpointSeries
 from .config import ConfigError, RunConfig
 from .data import evenly_spaced, load_blocks
-from .merge import write_merged
+from .merge import weight_sum_warning, write_merged
 from .slurm import Preemption
 from .ledger import OBJECTIVE
 
@@ -67,14 +67,24 @@ def _seed_everything(seed: int, threads: int) -> None:
 
 
 def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
-    """Fill empty sources / data paths from the embedded demo trajectory (experiment tiny)."""
+    """Fill empty sources and data from the embedded demo trajectory (experiment tiny).
+
+    The demo's held-out text is only for the demo's own checkpoints: a user's
+    checkpoints scored on it would give a number about the wrong data, so
+    sources without held-out data are refused (before the demo is trained).
+    """
     need_ckpt = not cfg.checkpoints.sources
-    need_data = cfg.mode != "merge" and not cfg.data.heldout.path
+    need_data = cfg.mode != "merge" and not (cfg.data.heldout.path or cfg.data.heldout.name)
     if not (need_ckpt or need_data):
         return cfg
+    if need_data and not need_ckpt:
+        raise ConfigError(
+            "config option `data.heldout.path`: empty, but checkpoints.sources names your own checkpoints; "
+            "the embedded demo's held-out text (Python's standard library) only fits the demo's checkpoints. "
+            "Give held-out text from your run's distribution: data.heldout.path=/data/heldout.jsonl "
+            "(json/jsonl/parquet/csv/txt) or a cached hub dataset with data.heldout.name=...")
     if not cfg.demo.enabled:
-        what = "checkpoints.sources" if need_ckpt else "data.heldout.path"
-        raise CheckpointError(f"{what} is empty; give it, or use +experiment=tiny for the embedded demo")
+        raise CheckpointError("checkpoints.sources is empty; give it, or use +experiment=tiny for the embedded demo")
     from .demo import build_trajectory
 
     t0 = time.perf_counter()
@@ -93,19 +103,52 @@ def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
     return replace(cfg, checkpoints=ckpts, data=data)
 
 
-def _build_model(series: CheckpointSeries, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
-    """The model skeleton from ``config.json``, without random init: every trial merges into it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _open_series(cfg: RunConfig) -> CheckpointSeries:
+    """Resolve the sources, check the weight count against the selection (before any file is read), open them."""
+    from .sources import resolve_sources
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+    c = cfg.checkpoints
+    paths = resolve_sources(c.sources, None, hub_cache=c.hub_cache)
+    kept = c.selector().apply(paths)
+    if not kept:
+        raise CheckpointError("checkpoints.sources: no checkpoints left after selection")
+    weights = cfg.merge.weights if cfg.mode in ("evaluate", "merge") else None
+    if weights is not None and len(weights) != len(kept):
+        picked = _selection_words(c, len(paths))
+        raise ConfigError(
+            f"config option `merge.weights`: got {len(weights)} weights for {len(kept)} checkpoints: "
+            f"{picked} kept {[p.name for p in kept]} of the {len(paths)} resolved "
+            f"({[p.name for p in paths][:8]}{' ...' if len(paths) > 8 else ''}). Give one weight per kept "
+            f"checkpoint, oldest first, or change the selection"
+            + (f" (e.g. checkpoints.last={len(weights)})" if len(weights) <= len(paths) and c.last else ""))
+    series = CheckpointSeries.from_paths(kept, strip_prefix=c.strip_prefix, config_dir=c.config_dir)
+    if c.tokenizer_dir:
+        from .model import tokenizer_dir
 
-    config = AutoConfig.from_pretrained(series.config_dir, trust_remote_code=trust_remote_code)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval()
+        series.tokenizer_dir = tokenizer_dir(series, c.tokenizer_dir)  # checked; write_merged copies it
+    return series
+
+
+def _selection_words(c, resolved: int) -> str:
+    """The selector options in force, as a user would type them (``checkpoints.last=2 (the default)``)."""
+    parts = [f"checkpoints.{k}={getattr(c, k)}" for k in ("names", "steps", "every") if getattr(c, k)]
+    if c.last:
+        parts.append(f"checkpoints.last={c.last}" + (" (the default)" if c.last == 2 else ""))
+    return ", ".join(parts) or f"no selector (all {resolved})"
+
+
+def _check_model(cfg: RunConfig, series: CheckpointSeries) -> None:
+    """Before heavy work: the checkpoints hold the model's tensors, and blocks fit its positions."""
+    from .model import build_model, check_block_size, check_covers
+
+    if series.config_dir is None:
+        return
+    trust = cfg.model.trust_remote_code
+    check_covers(series, build_model(series.config_dir, trust_remote_code=trust, meta=True))
+    if cfg.mode != "merge":
+        sizes = {"data.heldout.block_size": cfg.data.heldout.block_size}
+        sizes.update({f"data.ood.{n}.block_size": o.block_size for n, o in cfg.data.ood.items()})
+        check_block_size(series.config_dir, sizes, trust_remote_code=trust)
 
 
 def _apply_recipe(cfg: RunConfig) -> RunConfig:
@@ -120,8 +163,10 @@ def _apply_recipe(cfg: RunConfig) -> RunConfig:
         if key not in r:
             raise CheckpointError(f"merge.recipe: {path} has no `{key}`")
     ckpts = replace(cfg.checkpoints, sources=list(r["sources"]), last=None, every=None, steps=None,
-                    names=None, config_dir=r.get("config_dir"), strip_prefix=r.get("strip_prefix"))
-    merge = replace(cfg.merge, weights=list(r["weights"]), normalize=bool(r.get("normalize", False)),
+                    names=None, config_dir=r.get("config_dir"), tokenizer_dir=r.get("tokenizer_dir"),
+                    strip_prefix=r.get("strip_prefix"))
+    norm = r.get("normalize")  # write_merged records true/false; a hand-written recipe may leave it out
+    merge = replace(cfg.merge, weights=list(r["weights"]), normalize=None if norm is None else bool(norm),
                     nonfloat=r.get("nonfloat", "equal"), dtype=r.get("dtype", cfg.merge.dtype))
     return replace(cfg, checkpoints=ckpts, merge=merge)
 
@@ -146,8 +191,12 @@ def _merger_factory(cfg: RunConfig, series: CheckpointSeries):
     return build
 
 
-def run(cfg: RunConfig) -> dict:
-    """Run ``cfg.mode`` (search | evaluate | merge) and return the results dict."""
+def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
+    """Run ``cfg.mode`` (search | evaluate | merge) and return the results dict.
+
+    ``on_accepted`` is called once the run's checks have passed (the CLI writes Hydra's record then,
+    see record.py), never for a refused run.
+    """
     from . import report
 
     if launched_rank() != 0:  # one voice: only rank 0 logs progress
@@ -159,16 +208,20 @@ def run(cfg: RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.merge.recipe:  # first: a recipe names its sources, so the embedded demo is not needed
         cfg = _apply_recipe(cfg)
+    if cfg.mode in ("merge", "evaluate") and (note := weight_sum_warning(cfg.merge.weights, cfg.merge.normalize)):
+        log.warning("%s", note)  # once, before any heavy work (the merger applies weights every trial)
     cfg = _resolve_inputs(cfg, stages)
     with stages("open checkpoints"):
-        c = cfg.checkpoints
-        series = CheckpointSeries.from_sources(c.sources, selector=c.selector(), strip_prefix=c.strip_prefix,
-                                               config_dir=c.config_dir, hub_cache=c.hub_cache)
+        series = _open_series(cfg)
+        _check_model(cfg, series)
     log.info("sources (oldest first): %s", ", ".join(str(p) for p in series.paths))
 
     if cfg.mode == "merge":
+        if on_accepted is not None:
+            on_accepted()
         with stages("write merged model"):
-            merged = _write(cfg, series, cfg.merge.weights, out, metric={})
+            card = report.model_card(series, {"weights": list(cfg.merge.weights)}, [], cfg)
+            merged = _write(cfg, series, cfg.merge.weights, out, metric={}, card=card)
         results = report.results_dict(series, best={"weights": list(cfg.merge.weights)},
                                       candidates=[], trials=0, merged_dir=merged, stages=stages.seconds)
         report.write_results(out, results)
@@ -177,8 +230,9 @@ def run(cfg: RunConfig) -> dict:
 
 
     with stages("data and model"):
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
+
+        from .model import build_model, load_tokenizer, tokenizer_dir
 
         hf_logging.disable_progress_bar()
 
@@ -191,7 +245,7 @@ def run(cfg: RunConfig) -> dict:
         if trust:
             log.warning("model.trust_remote_code=true: running the modeling code shipped in %s",
                         series.config_dir)
-        tok = AutoTokenizer.from_pretrained(series.config_dir, trust_remote_code=trust)
+        tok = load_tokenizer(tokenizer_dir(series, cfg.checkpoints.tokenizer_dir), trust_remote_code=trust)
         report_blocks = load_blocks(cfg.data.heldout, tok, "heldout", cache_dir=cfg.cache_dir)
         search_blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
         ood_blocks = {name: load_blocks(c, tok, f"ood.{name}", cache_dir=cfg.cache_dir)
@@ -203,7 +257,9 @@ def run(cfg: RunConfig) -> dict:
             mc_data = load_mc(cfg.data.mc, tok)
             log.info("multiple choice: %d items", mc_data.num_items)
         space = _prepare_search(cfg, series, search_blocks, out) if cfg.mode == "search" else None
-        model = _build_model(series, getattr(torch, cfg.model.dtype), trust)
+        if on_accepted is not None:  # the resume check (search) and the inputs (evaluate) have passed
+            on_accepted()
+        model = build_model(series.config_dir, getattr(torch, cfg.model.dtype), trust)
         # SIGUSR2 / SIGTERM only set a flag from here on; the search saves and requeues at a trial boundary.
         preempt = Preemption().install() if cfg.mode == "search" else None
         evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size,

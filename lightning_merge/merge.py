@@ -5,6 +5,7 @@
 ``lam*theta_t + (1-lam)*theta_{t-1}`` is ``weights=[1-lam, lam]``. Weights that
 do not sum to 1 also scale the parameters (``[0.5, 0.5]`` halves nothing, but
 ``[1, 1]`` doubles them); pass ``normalize=True`` to divide by their sum.
+:func:`weight_sum_warning` says so for weights a person typed.
 
 Accumulation is in fp32 whatever the storage dtype, and it is done in chunks
 that stay in cache, so the memory traffic is about one read of each source and
@@ -28,7 +29,7 @@ import torch
 from .checkpoints import CheckpointSeries
 from .io import atomic_write_text, publishing_dir
 
-__all__ = ["MergeError", "check_weights", "merge_into", "write_merged"]
+__all__ = ["MergeError", "check_weights", "merge_into", "weight_sum_warning", "write_merged"]
 
 _CHUNK = 1 << 19  # elements per accumulation chunk and thread: 2 MiB of fp32, one L2 (benchmarks/)
 _COPY_FROM_NEWEST = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -40,8 +41,8 @@ class MergeError(ValueError):
     """Bad weights, or a merge that produced non-finite values."""
 
 
-def check_weights(weights: Sequence[float], k: int, normalize: bool = False) -> list[float]:
-    """Validate K finite weights (and normalise them if asked); return them as floats."""
+def check_weights(weights: Sequence[float], k: int, normalize: bool | None = False) -> list[float]:
+    """Validate K finite weights (and normalise them if asked; None is False); return them as floats."""
     w = [float(x) for x in weights]
     if len(w) != k:
         raise MergeError(f"got {len(w)} weights for {k} checkpoints; give one weight per checkpoint")
@@ -53,6 +54,31 @@ def check_weights(weights: Sequence[float], k: int, normalize: bool = False) -> 
             raise MergeError(f"cannot normalise weights {w}: they sum to 0")
         w = [x / s for x in w]
     return w
+
+
+def weight_sum_warning(weights: Sequence[float] | None, normalize: bool | None) -> str | None:
+    """The warning for given weights that scale the model, or None when there is nothing to say.
+
+    Weights that sum to ``s`` merge to ``s`` times the normalised merge, so
+    ``[0.7, 0.7]`` scales every parameter by 1.4, which is rarely what was
+    meant and gives a plausible-looking, wrong model. Nothing is said when
+    ``normalize`` was set either way (the choice is made) or the weights sum to
+    1 within 1e-6 (decimal rounding, far below a bf16 parameter's precision).
+    The message names the CLI options (``merge.weights``, ``merge.normalize``).
+    """
+    if normalize is not None or not weights:
+        return None
+    w = [float(x) for x in weights]
+    s = sum(w)
+    if not math.isfinite(s) or abs(s - 1.0) <= 1e-6:
+        return None  # non-finite weights are refused by check_weights
+    if abs(s) <= 1e-6:
+        return (f"merge.weights {w} sum to 0: the merge is a difference of checkpoints, not a model "
+                "(merge.normalize=true cannot divide by 0); set merge.normalize=false to keep them as "
+                "given and silence this warning")
+    return (f"merge.weights {w} sum to {s:.6g}: every merged parameter is scaled by {s:.6g}; set "
+            "merge.normalize=true to divide them by their sum, or merge.normalize=false to keep them as "
+            "given and silence this warning")
 
 
 NONFLOAT_POLICIES = ("equal", "newest")
@@ -140,13 +166,13 @@ def _merge_one(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: Sequence[floa
 @torch.no_grad()
 def merge_into(params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                sources: Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]],
-               weights: Sequence[float], *, normalize: bool = False, nonfloat: str = "equal") -> None:
+               weights: Sequence[float], *, normalize: bool | None = False, nonfloat: str = "equal") -> None:
     """Overwrite ``params`` in place with ``sum_k weights[k] * sources[k]``.
 
     ``params`` is a list (or name->tensor mapping) of output tensors, e.g. a
     model's parameters; ``sources[k]`` holds checkpoint ``k``'s tensors in the
     same order (or under the same names). Sources are only read. Weights are
-    used as given unless ``normalize``; see the module docstring for what
+    used as given unless ``normalize`` (None counts as False); see the module docstring for what
     un-normalised weights mean. Non-float tensors follow ``nonfloat``:
     ``"equal"`` (they must agree in every source) or ``"newest"`` (copied from
     the last source). Raises :class:`MergeError` on non-finite weights or
@@ -255,7 +281,7 @@ class _ShardWriter:
 
 def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: str | Path, *,
                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3,
-                 normalize: bool = False, nonfloat: str = "equal", metadata: Mapping | None = None,
+                 normalize: bool | None = False, nonfloat: str = "equal", metadata: Mapping | None = None,
                  extra_files: Mapping[str, str] | None = None) -> Path:
     """Stream the merge of ``series`` with ``weights`` into an HF checkpoint at ``out_dir``.
 
@@ -298,7 +324,10 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
             index = {"metadata": {"total_size": need}, "weight_map": weight_map}
             atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         for fn in _COPY_FROM_NEWEST:
-            src = series.config_dir / fn if series.config_dir is not None else None
+            model_file = fn in ("config.json", "generation_config.json")
+            # The tokenizer comes from checkpoints.tokenizer_dir when one was given.
+            folder = series.config_dir if model_file or series.tokenizer_dir is None else series.tokenizer_dir
+            src = folder / fn if folder is not None else None
             if src is not None and src.exists():
                 shutil.copy2(src, tmp / fn)
         if dtype is not None and (tmp / "config.json").exists():
@@ -306,7 +335,7 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
             cfg["torch_dtype"] = str(dtype).replace("torch.", "")
             cfg["dtype"] = cfg["torch_dtype"]
             atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
-        atomic_write_text(tmp / "merge.yaml", _recipe_yaml(series, w, normalize, nonfloat, dtype, metadata))
+        atomic_write_text(tmp / "merge.yaml", _recipe_yaml(series, w, bool(normalize), nonfloat, dtype, metadata))
         for fn, text in (extra_files or {}).items():
             atomic_write_text(tmp / fn, text)
     return out_dir
@@ -321,6 +350,7 @@ def _recipe_yaml(series: CheckpointSeries, weights: list[float], normalize: bool
         "sources": [str(p.resolve()) for p in series.paths],
         "weights": [float(x) for x in weights],
         "config_dir": str(series.config_dir.resolve()) if series.config_dir else None,
+        "tokenizer_dir": str(series.tokenizer_dir.resolve()) if series.tokenizer_dir else None,
         "normalize": normalize,
         "nonfloat": nonfloat,
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,

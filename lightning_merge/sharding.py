@@ -350,10 +350,10 @@ class ShardMerger:
     """
 
     def __init__(self, model: torch.nn.Module, kind: str, series: CheckpointSeries, *, prefix: str = "",
-                 nonfloat: str = "equal", normalize: bool = False,
+                 nonfloat: str = "equal", normalize: bool | None = False,
                  device: torch.device | str | None = None) -> None:
         self.model, self.kind, self.prefix = model, kind, prefix
-        self.nonfloat, self.normalize = nonfloat, normalize
+        self.nonfloat, self.normalize = nonfloat, bool(normalize)  # None (merge.normalize unset) is False
         self._tied = {"lm_head.weight"} if series.tied else set()  # re-tied by the model, not merged (as in DDP)
         release_gathered(model, kind)  # FSDP2 swaps in its sharded params only when resharded
         shards = self.shards

@@ -102,6 +102,7 @@ def test_bad_input_fails_on_rank_zero_before_any_process_group(tiny_run, tmp_pat
     args = [sys.executable, "-m", "lightning_merge", "mode=evaluate", "demo.enabled=false",
             f"checkpoints.sources=[{tiny_run['ckdir']}]", "checkpoints.last=null", "merge.weights=[0.2,0.3,0.5]",
             f"data.heldout.path={tiny_run['heldout']}", "data.heldout.text_column=body",
+            f"data.heldout.block_size={BLOCK}",  # within the model's 128 positions (else that is refused first)
             "strategy=ddp", "strategy.devices=2", f"output_dir={tmp_path}"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
