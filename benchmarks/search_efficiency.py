@@ -23,6 +23,12 @@ end), without the baselines as trials, so every trial is the optimizer's own:
    all of 30 trials, against the best of the baselines (each checkpoint, uniform
    = LAWA, EMA, WMA, greedy soup) on the same objective.
 
+Repeats: a trial within ``NEAR`` (``lightning_merge.search.NEAR``, every unit
+coordinate; ``--near`` to set it) of an earlier trial of its run is counted as
+a near-duplicate (``near-dups``); ``distinct to target`` counts the trials to
+the target less those. A search that ends itself (``ask()`` returns None:
+converged) runs fewer trials (``trials run``).
+
 ``ask ms`` is the mean time of ``AxSearch.ask()`` per trial, the driver's
 ``ask_s`` (for ``ax`` and ``random`` it includes waiting for Ax to record the
 previous result; for ``paper`` it is the GP proposal, and Ax's bookkeeping runs
@@ -30,6 +36,7 @@ on a thread beside the evaluation). ``search ms`` is the run's wall time minus
 its evaluations, per trial: every cost of the search on this process.
 
     python benchmarks/search_efficiency.py [--seeds 5] [--quick] [--wait-quiet 300]
+    python benchmarks/search_efficiency.py --pairwise-only --tolerance 1e-4   # the 0.01% table
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from _machine import busy_cpu_seconds, own_cpu_seconds, wait_quiet  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T0 = time.monotonic()
 REL = 1e-3  # "within 0.1%" of the dense-grid best
+DUP_TOL = 1e-3  # a trial within this of an earlier one (every unit coordinate) counts as a near-duplicate
 
 
 def say(msg: str) -> None:
@@ -79,12 +87,12 @@ class Objective:
         from lightning_merge.data import evenly_spaced, load_blocks
         from lightning_merge.driver import (
             Stages,
-            _build_model,
             _merger_factory,
             _resolve_inputs,
             _seed_everything,
         )
         from lightning_merge.evaluate import Evaluator
+        from lightning_merge.model import build_model
 
         cfg = RunConfig(demo=DemoConf(enabled=True), checkpoints=CheckpointsConf(last=4))
         _seed_everything(cfg.seed, cfg.threads)  # threads=1, as the driver's default
@@ -95,7 +103,7 @@ class Objective:
         tok = AutoTokenizer.from_pretrained(self.series.config_dir)
         report_blocks = load_blocks(cfg.data.heldout, tok, "heldout", cache_dir=cfg.cache_dir)
         self.blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
-        model = _build_model(self.series, getattr(torch, cfg.model.dtype), False)
+        model = build_model(self.series.config_dir, getattr(torch, cfg.model.dtype), False)
         self.evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size,
                                    merger_factory=_merger_factory(cfg, self.series))
         self.names = [p.name for p in self.series.paths]
@@ -123,10 +131,12 @@ class Run:
 
     losses: list[float] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
+    points: list[list[float]] = field(default_factory=list)  # unit-cube coordinates of each trial
     asks: list[float] = field(default_factory=list)
     ask_s: float = 0.0
     eval_s: float = 0.0
     wall_s: float = 0.0
+    converged: str | None = None  # why the search ended itself (``ask()`` returned None) before its trials
 
     def best_after(self, n: int) -> float:
         return min(self.losses[:n])
@@ -138,6 +148,20 @@ class Run:
             if best <= target:
                 return i + 1
         return None
+
+    def near_duplicates(self, upto: int | None = None) -> int:
+        """Trials within ``DUP_TOL`` (every unit coordinate) of an earlier trial of the run: no new information."""
+        pts = self.points[:upto]
+        return sum(any(max(abs(a - b) for a, b in zip(p, q)) <= DUP_TOL * (1 + 1e-9) for q in pts[:i])
+                   for i, p in enumerate(pts))
+
+    def distinct_to(self, target: float) -> int | None:
+        """Trials until the target, less the near-duplicates among them: evaluations that told the search something."""
+        n = self.evals_to(target)
+        return None if n is None else n - self.near_duplicates(n)
+
+    def exact_duplicates(self) -> int:
+        return len(self.points) - len({tuple(round(x, 12) for x in p) for p in self.points})
 
     @property
     def ask_ms(self) -> float:
@@ -159,6 +183,9 @@ def run_search(obj: Objective, conf, space, trials: int, marks=(), label: str = 
     for i in range(trials):
         t = time.perf_counter()
         prop = search.ask()
+        if prop is None:  # converged: nothing left worth evaluating (the driver's loop stops here too)
+            r.converged = getattr(search, "converged", None) or "converged"
+            break
         r.asks.append(time.perf_counter() - t)
         r.ask_s += r.asks[-1]
         search.kick()  # the driver kicks once the trial's merge is done
@@ -166,6 +193,7 @@ def run_search(obj: Objective, conf, space, trials: int, marks=(), label: str = 
         search.tell(prop.index, loss)
         r.losses.append(loss)
         r.origins.append(prop.origin)
+        r.points.append(space.to_unit(prop.params))
         if i + 1 in marks and i + 1 < trials:
             say(f"  {label}: {i + 1} trials, best {min(r.losses):.5f}, ask {r.ask_ms:.0f} ms/trial")
     search.close()
@@ -208,10 +236,16 @@ def pairwise(obj: Objective, seeds: list[int], trials: int, dense: int) -> dict:
         for s in seeds:
             conf = SearchConf(space="pairwise", alpha=0.3, trials=trials, seed=s, **kw)
             runs.append(run_search(obj, conf, space, trials))
-            say(f"pairwise {label} seed {s}: {_fmt_evals(runs[-1].evals_to(target), trials)} evaluations to {pct}, "
-                f"best {min(runs[-1].losses):.5f}, ask {runs[-1].ask_ms:.0f} ms/trial")
+            r = runs[-1]
+            say(f"pairwise {label} seed {s}: {_fmt_evals(r.evals_to(target), trials)} evaluations to {pct}, "
+                f"best {min(r.losses):.5f}, ask {r.ask_ms:.0f} ms/trial; {len(r.losses)} trials"
+                f"{f' (converged: {r.converged})' if r.converged else ''}, {r.near_duplicates()} near-duplicates "
+                f"({r.exact_duplicates()} exact); lam "
+                + " ".join(f"{space.from_unit(p)['lam']:.4f}" for p in r.points))
         rows.append((label, [r.evals_to(target) for r in runs], statistics.mean(r.ask_ms for r in runs),
-                     statistics.mean(r.search_ms for r in runs), load.other(), _gap(runs, ref)))
+                     statistics.mean(r.search_ms for r in runs), load.other(), _gap(runs, ref),
+                     [r.distinct_to(target) for r in runs], [r.near_duplicates() for r in runs],
+                     [len(r.losses) for r in runs]))
 
     # grid ignores the seed: the smallest N whose N evenly spaced points reach the target, then the
     # N=trials grid walked in order (a run that does not know N in advance)
@@ -226,9 +260,11 @@ def pairwise(obj: Objective, seeds: list[int], trials: int, dense: int) -> dict:
     other = load.other()
     g = smallest[0] if smallest else None
     gr = smallest[1] if smallest else walk
-    rows.append(("grid (smallest N)", [g] * len(seeds), gr.ask_ms, gr.search_ms, other, _gap([walk], ref)))
+    rows.append(("grid (smallest N)", [g] * len(seeds), gr.ask_ms, gr.search_ms, other, _gap([walk], ref),
+                 [g] * len(seeds), [gr.near_duplicates()] * len(seeds), [len(gr.losses)] * len(seeds)))
     rows.append((f"grid ({trials}, in order)", [walk.evals_to(target)] * len(seeds), walk.ask_ms, walk.search_ms,
-                 other, _gap([walk], ref)))
+                 other, _gap([walk], ref), [walk.distinct_to(target)] * len(seeds),
+                 [walk.near_duplicates()] * len(seeds), [len(walk.losses)] * len(seeds)))
     return {"ref": ref, "lam": lam_best, "rows": rows, "trials": trials}
 
 
@@ -237,16 +273,20 @@ def print_pairwise(res: dict, seeds: list[int]) -> None:
     print(f"\n### pairwise: evaluations until the best so far is within {100 * REL:g}% of the dense-grid best "
           f"({res['ref']:.5f} at lam={res['lam']:.4f}); up to {cap} trials\n")
     print("| optimizer | " + " | ".join(f"seed {s}" for s in seeds)
-          + f" | reached | median | mean | gap @{cap} % | ask ms/trial | search ms/trial | other procs |")
-    print("|---|" + "---|" * len(seeds) + "---|---|---|---|---|---|---|")
-    for label, ns, ask, srch, other, gap in res["rows"]:
+          + f" | reached | median | mean | distinct to target (mean) | near-dups in {cap} (per seed) | trials run"
+          f" | gap @{cap} % | ask ms/trial | search ms/trial | other procs |")
+    print("|---|" + "---|" * len(seeds) + "---|---|---|---|---|---|---|---|---|---|")
+    for label, ns, ask, srch, other, gap, distinct, dups, ran in res["rows"]:
         vals = [n if n is not None else math.inf for n in ns]
         med = statistics.median(vals)
         miss = any(n is None for n in ns)
         mean = statistics.mean(n if n is not None else cap + 1 for n in ns)
+        dmean = statistics.mean(n if n is not None else cap + 1 for n in distinct)
         print(f"| {label} | " + " | ".join(_fmt_evals(n, cap) for n in ns)
               + f" | {sum(n is not None for n in ns)}/{len(ns)} | {_fmt_evals(None if med == math.inf else med, cap)}"
-              f" | {'>' if miss else ''}{mean:.1f} | {gap:+.3f} | {ask:.0f} | {srch:.0f} | {other:.2f} |", flush=True)
+              f" | {'>' if miss else ''}{mean:.1f} | {'>' if None in distinct else ''}{dmean:.1f}"
+              f" | {' '.join(map(str, dups))} | {' '.join(map(str, ran))}"
+              f" | {gap:+.3f} | {ask:.0f} | {srch:.0f} | {other:.2f} |", flush=True)
 
 
 def baselines(obj: Objective) -> list[tuple[str, list[float], float]]:
@@ -283,7 +323,9 @@ def simplex(obj: Objective, seeds: list[int], trials: int, only: set[str] | None
                 conf = SearchConf(space="simplex", parameterization=par, trials=trials, seed=s, **kw)
                 runs.append(run_search(obj, conf, space, trials, marks=marks, label=f"{label} {par} seed {s}"))
                 say(f"simplex {label} {par} seed {s}: best " + ", ".join(
-                    f"@{m} {runs[-1].best_after(m):.5f}" for m in marks) + f"; ask {runs[-1].ask_ms:.0f} ms/trial")
+                    f"@{m} {runs[-1].best_after(m):.5f}" for m in marks) + f"; ask {runs[-1].ask_ms:.0f} ms/trial; "
+                    f"{len(runs[-1].losses)} trials{' (converged)' if runs[-1].converged else ''}, "
+                    f"{runs[-1].near_duplicates()} near-duplicates ({runs[-1].exact_duplicates()} exact)")
             rows.append({"label": label, "par": par, "runs": runs, "marks": marks, "other": load.other()})
     return rows
 
@@ -293,8 +335,9 @@ def print_simplex(rows: list[dict], best_base: float) -> None:
     print(f"\n### simplex K=4: best loss after n evaluations (mean over seeds; beat = seeds below the best "
           f"baseline {best_base:.5f})\n")
     print("| optimizer | parameterization | " + " | ".join(f"best @{m} | beat @{m}" for m in marks)
-          + f" | evals to beat (per seed) | ask ms/trial | ask ms @{marks[-1]} | search ms/trial | other procs |")
-    print("|---|---|" + "---|---|" * len(marks) + "---|---|---|---|---|")
+          + f" | evals to beat (per seed) | near-dups (per seed) | ask ms/trial | ask ms @{marks[-1]}"
+          " | search ms/trial | other procs |")
+    print("|---|---|" + "---|---|" * len(marks) + "---|---|---|---|---|---|")
     for row in rows:
         runs = row["runs"]
         cells = []
@@ -304,6 +347,7 @@ def print_simplex(rows: list[dict], best_base: float) -> None:
         beat = [next((i + 1 for i, v in enumerate(r.losses) if v < best_base), None) for r in runs]
         print(f"| {row['label']} | {row['par']} | " + " | ".join(cells)
               + f" | {' '.join(_fmt_evals(b, marks[-1]) for b in beat)}"
+              f" | {' '.join(str(r.near_duplicates()) + ('c' if r.converged else '') for r in runs)}"
               f" | {statistics.mean(r.ask_ms for r in runs):.0f} | {1e3 * statistics.mean(r.asks[-1] for r in runs):.0f}"
               f" | {statistics.mean(r.search_ms for r in runs):.0f}"
               f" | {row['other']:.2f} |", flush=True)
@@ -319,13 +363,21 @@ def main() -> None:
     ap.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many seconds for an idle CPU")
     ap.add_argument("--tolerance", type=float, default=1e-3,
                     help="pairwise: relative distance to the dense-grid best that counts as reached (0.001 = 0.1%%)")
+    ap.add_argument("--near", type=float, default=None,
+                    help="the search's repeat tolerance (lightning_merge.search.NEAR, unit coordinates) and the one "
+                         "the near-duplicate columns count with (default: the package's, else 1e-3)")
     ap.add_argument("--pairwise-only", action="store_true", help="skip the baselines and the simplex part")
     ap.add_argument("--simplex-only", default=None,
                     help="only these simplex optimizers (comma-separated names, e.g. paper,grid), constrained only; "
                          "skips the pairwise part and the comparison of parameterizations")
     args = ap.parse_args()
-    global REL
+    global REL, DUP_TOL
     REL = args.tolerance
+    import lightning_merge.search as search_mod
+
+    if args.near is not None:
+        search_mod.NEAR = args.near  # an older package without the attribute ignores it (it never deduplicates)
+    DUP_TOL = getattr(search_mod, "NEAR", DUP_TOL) if args.near is None else args.near
     if args.quick:
         args.seeds, args.pairwise_trials, args.simplex_trials, args.dense = min(args.seeds, 2), 6, 9, 11
     logging.basicConfig(level=logging.WARNING)
@@ -335,7 +387,10 @@ def main() -> None:
     total = Load()
 
     obj = Objective()
-    say(f"sources {', '.join(obj.names)}; search blocks {tuple(obj.blocks.shape)}; torch threads 1")
+    import lightning_merge
+
+    say(f"package {lightning_merge.__file__}; sources {', '.join(obj.names)}; search blocks "
+        f"{tuple(obj.blocks.shape)}; torch threads 1")
 
     if args.simplex_only:
         base = baselines(obj)

@@ -44,10 +44,13 @@ def main() -> None:
             best, t0 = [], time.perf_counter()
             for _ in range(args.trials):
                 p = s.ask()
+                if p is None:  # converged: every candidate left is within reach of an evaluated point
+                    break
                 v = f(p.weights)
                 s.tell(p.index, v)
                 best.append(min(v, best[-1]) if best else v)
             s.close()
+            best += best[-1:] * (args.trials - len(best))  # a converged search keeps its best
             beat = next((i + 1 for i, b in enumerate(best) if b < wma), None)
             rows.append((best[half - 1], best[-1], beat))
             print(f"{acq} seed {seed}: @{half} {best[half - 1]:.5f} @{args.trials} {best[-1]:.5f} "

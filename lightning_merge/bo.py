@@ -15,6 +15,17 @@ otherwise): for the low-dimensional spaces of checkpoint merging this is both
 exact enough and ~100x cheaper than multi-start gradient optimisation, which
 keeps the per-trial overhead small next to one evaluation.
 
+A point already evaluated is never proposed again. The GP keeps choosing
+the incumbent (or a hair beside it) once it believes nothing else is better,
+and with a deterministic objective a repeat teaches it nothing, so every
+acquisition is maximised only over candidates not :func:`near` an evaluated
+point (within ``tol`` in every unit coordinate). The result
+says when that changed the choice (``replaced``), and when nothing is left
+that is worth an evaluation (``converged``): every candidate is within ``tol``
+of an evaluated point, or the acquisition's own best was an evaluated point
+and the expected improvement anywhere else is below ``worth`` of the best
+objective.
+
 Pure: no Ax, Lightning or ranks. The objective is a loss (minimised); the GP
 models its negation.
 """
@@ -24,11 +35,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["ACQUISITIONS", "HedgeState", "GPProposer", "map_hyperparameters"]
+__all__ = ["ACQUISITIONS", "HedgeState", "GPProposer", "Proposed", "map_hyperparameters", "near"]
 
 ACQUISITIONS = ("ei", "pi", "ucb", "gp_hedge")
 _PORTFOLIO = ("ei", "pi", "ucb")
@@ -50,6 +62,32 @@ class HedgeState:
             return cls()
         return cls(gains={k: float(v) for k, v in d["gains"].items()},
                    nominees={k: [float(x) for x in v] for k, v in d.get("nominees", {}).items()})
+
+
+class Proposed(NamedTuple):
+    """What :meth:`GPProposer.propose` chose."""
+
+    point: list[float] | None  # unit-cube point to evaluate; None: converged
+    acquisition: str  # the acquisition that chose it ("ei", "pi", "ucb")
+    state: "HedgeState"
+    replaced: list[float] | None = None  # the acquisition's own best, near an evaluated point, that ``point`` replaces
+    converged: str | None = None  # why nothing is left worth evaluating
+    gain: float | None = None  # with ``replaced``: the best expected improvement (loss units) of the other points
+
+
+def near(points: torch.Tensor, evaluated: torch.Tensor | None, tol: float) -> torch.Tensor:
+    """``[n]`` bool: whether each of ``points`` lies within ``tol`` of an ``evaluated`` one in every unit coordinate.
+
+    The max-norm in the optimizer's unit cube: ``tol=0.01`` is a hundredth of
+    every parameter's range, whatever the space's own scale. "Within" includes
+    the bound, with a relative slack of 1e-9 for the round trip of a point
+    through the space's own parameters (a candidate exactly ``tol`` away on a
+    grid must not be near on one trial and not on the next).
+    """
+    if evaluated is None or evaluated.numel() == 0 or tol <= 0:
+        return torch.zeros(points.shape[0], dtype=torch.bool)
+    dist = (points.unsqueeze(1) - evaluated.to(points).unsqueeze(0)).abs().amax(-1)  # [n, m]
+    return (dist <= tol * (1 + 1e-9)).any(-1)
 
 
 class GPProposer:
@@ -107,13 +145,17 @@ class GPProposer:
             post = model.posterior(points.to(torch.float64))
         return -post.mean.squeeze(-1), post.variance.clamp_min(0).sqrt().squeeze(-1)
 
-    def propose(self, X: torch.Tensor, loss: torch.Tensor, step: int,
-                state: HedgeState | None = None) -> tuple[list[float], str, HedgeState]:
-        """The next point, the acquisition that chose it, and the updated hedge state.
+    def propose(self, X: torch.Tensor, loss: torch.Tensor, step: int, state: HedgeState | None = None,
+                evaluated: torch.Tensor | None = None, tol: float = 0.0, worth: float = 0.0) -> Proposed:
+        """The next point (or None: converged), the acquisition that chose it, the updated hedge state.
 
         ``X``: ``[n, dim]`` observed points in the unit cube; ``loss``: ``[n]``
         finite losses. ``step`` seeds the hedge draw, so a resumed search makes
-        the same choice again.
+        the same choice again. ``evaluated``: every point tried so far (``X``
+        and the failed ones); no candidate :func:`near` one of them (``tol``) is
+        chosen. ``worth``: the smallest expected improvement, relative to the
+        best objective, that still justifies an evaluation once the acquisition's
+        own best is an evaluated point (see the module docstring).
         """
         X, loss = X.to(torch.float64), loss.to(torch.float64)
         model = self._fit(X, loss)
@@ -121,9 +163,29 @@ class GPProposer:
         # PI with no margin re-proposes the incumbent forever; ask for a tenth of a standard deviation.
         self.pi_xi = 0.1 * float(loss.std()) if loss.numel() > 1 else 0.0
         state = HedgeState.from_dict(state.to_dict()) if state is not None else HedgeState()
+        taken = near(self.candidates, evaluated, tol)
+        if bool(taken.all()):
+            return Proposed(None, self.acquisition, state, converged=f"every one of the {len(taken)} candidate "
+                            f"points lies within {tol:g} of an evaluated point")
+
+        def pick(name: str) -> tuple[int, int]:
+            """The acquisition's best candidate, and its best one not near an evaluated point."""
+            vals = self._acq_values(model, name, best_f)
+            return int(vals.argmax()), int(vals.masked_fill(taken, -math.inf).argmax())
+
+        def result(own: int, free: int, name: str) -> Proposed:
+            if own == free:
+                return Proposed(self.candidates[own].tolist(), name, state)
+            gain = math.exp(float(self._acq_values(model, "ei", best_f).masked_fill(taken, -math.inf).max()))
+            if gain <= worth * abs(best_f):
+                return Proposed(None, name, state, replaced=self.candidates[own].tolist(), gain=gain, converged=(
+                    f"the {name.upper()} acquisition's best point was already evaluated, and the best expected "
+                    f"improvement elsewhere, {gain:.3g}, is below {worth:g} x the best objective ({-best_f:.6g})"))
+            return Proposed(self.candidates[free].tolist(), name, state, replaced=self.candidates[own].tolist(),
+                            gain=gain)
+
         if self.acquisition != "gp_hedge":
-            vals = self._acq_values(model, self.acquisition, best_f)
-            return self.candidates[int(vals.argmax())].tolist(), self.acquisition, state
+            return result(*pick(self.acquisition), self.acquisition)
         # Credit each acquisition with the refitted posterior mean (standardised scale) at its last nominee.
         if state.nominees:
             pts = torch.tensor([state.nominees[a] for a in _PORTFOLIO], dtype=torch.float64)
@@ -132,10 +194,10 @@ class GPProposer:
             mu = (mu - (-loss).mean()) / ((-loss).std() if loss.numel() > 1 and (-loss).std() > 0 else 1.0)
             for a, m in zip(_PORTFOLIO, mu.tolist()):
                 state.gains[a] += m
-        nominees = {}
-        for a in _PORTFOLIO:
-            vals = self._acq_values(model, a, best_f)
-            nominees[a] = self.candidates[int(vals.argmax())].tolist()
+        # Each acquisition nominates its best point not yet evaluated: crediting one with the value at a
+        # point already known would reward it for proposing nothing.
+        picks = {a: pick(a) for a in _PORTFOLIO}
+        nominees = {a: self.candidates[free].tolist() for a, (_, free) in picks.items()}
         g = np.array([state.gains[a] for a in _PORTFOLIO])
         p = np.exp(self.eta * (g - g.max()))
         p /= p.sum()
@@ -144,7 +206,7 @@ class GPProposer:
         state.nominees = nominees
         if not all(math.isfinite(x) for x in nominees[chosen]):  # pragma: no cover - defensive
             raise FloatingPointError(f"GP-Hedge nominee is not finite: {nominees}")
-        return nominees[chosen], chosen, state
+        return result(*picks[chosen], chosen)
 
 
 def map_hyperparameters(model, seed: int = 0, n_lengthscales: int = 128, n_noise: int = 64) -> float:

@@ -107,13 +107,45 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON object as a line and fsync it before returning.
 
     A line is written with a single ``write`` call so that a kill leaves at most
-    one torn final line, which :func:`read_jsonl` skips.
+    one torn final line, which :func:`read_jsonl` skips. That torn line is cut
+    off before the next append (it was never a record), so the new line does not
+    join onto it and leave a corrupt line in the middle of the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=False) + "\n"
+    _cut_torn_tail(path)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate an unterminated last line (a kill mid-write) back to the last newline."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        # Find the last newline: the torn tail starts after it (or the file is one torn line).
+        pos, block = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                fh.truncate(start + i + 1)
+                break
+            pos = start
+        else:
+            fh.truncate(0)
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -13,7 +13,9 @@ Ax's bookkeeping and the snapshot (background, see ``search.py``), then the
 report. A kill anywhere loses at most the trial in flight.
 
 Stopping (rank 0, at trial boundaries only): the trial budget, the wall-time
-budget, the plateau rule, too many failures in a row, or a preemption signal.
+budget, the plateau rule, too many failures in a row, a preemption signal, or
+the optimizer's own word that nothing not yet evaluated is worth an evaluation
+(``converged``, see ``search.py``). The budget is never spent on repeats.
 """
 
 from __future__ import annotations
@@ -108,9 +110,13 @@ class SearchLoop:
     def _run_trial(self, msg: dict) -> float | None:
         """Every rank: evaluate the broadcast trial; rank 0 records it. Returns its objective (None: failed)."""
         t0 = time.perf_counter()
+        # A proposal that replaced a repeat of an evaluated point says so on every line of its trial.
+        dedup = {"deduplicated_from": msg["deduplicated_from"]} if msg.get("deduplicated_from") else {}
+        # The optimizer state goes on every line: a resume after a kill or a failure continues from it.
+        state = {"state": msg["state"]} if msg.get("state") else {}
         if self.ledger is not None:
             self.ledger.write({"trial": msg["index"], "status": "running", "weights": msg["weights"],
-                               "params": msg["params"], "origin": msg["origin"]})
+                               "params": msg["params"], "origin": msg["origin"], **dedup, **state})
             _fault_point("running")
         try:
             value, metrics, reused = self._objective_shared(msg["weights"], msg.get("reuse"))
@@ -120,7 +126,7 @@ class SearchLoop:
                 log.warning("trial %d failed: %s", msg["index"], e)
                 self.search.fail(msg["index"], str(e))
                 self.ledger.write({"trial": msg["index"], "status": "failed", "weights": msg["weights"],
-                                   "params": msg["params"], "origin": msg["origin"], "reason": str(e),
+                                   "params": msg["params"], "origin": msg["origin"], **dedup, **state, "reason": str(e),
                                    "seconds": time.perf_counter() - t0})
                 self.search.save(self.out / "ax_snapshot.json")
             return None
@@ -133,7 +139,7 @@ class SearchLoop:
         timing = {"ask_s": msg.get("ask_s", 0.0), "broadcast_s": msg.get("broadcast_s", 0.0), "merge_s": merge_s,
                   "book_s": book_s, "eval_s": 0.0 if reused else time.perf_counter() - t0 - merge_s - book_s}
         rec = self.ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
-                                 "params": msg["params"], "origin": msg["origin"], "state": msg.get("state"),
+                                 "params": msg["params"], "origin": msg["origin"], **dedup, "state": msg.get("state"),
                                  OBJECTIVE: value, **metrics, "reused": reused,
                                  "seconds": time.perf_counter() - t0 + msg.get("ask_s", 0.0),
                                  **{k: round(v, 5) for k, v in timing.items()}})
@@ -151,7 +157,8 @@ class SearchLoop:
 
     def _message(self, prop, ask_s: float = 0.0) -> dict:
         return {"index": prop.index, "weights": prop.weights, "params": prop.params, "origin": prop.origin,
-                "state": prop.state, "ask_s": ask_s, "reuse": self._cache.get(_key(prop.weights))}
+                "state": prop.state, "ask_s": ask_s, "reuse": self._cache.get(_key(prop.weights)),
+                "deduplicated_from": prop.deduplicated_from}
 
     def trial_for(self, weights: list[float], origin: str) -> float | None:
         """Every rank: record ``weights`` as a trial when they lie in the space (else evaluate off-space).
@@ -268,7 +275,13 @@ class SearchLoop:
                 if reason is None:
                     t = time.perf_counter()
                     prop = self.search.ask()
-                    msg = self._message(prop, time.perf_counter() - t)
+                    if prop is None:
+                        n = len(self.ledger.search_trials())
+                        reason = f"converged after {n} of {self.cfg.search.trials} search trials: " \
+                                 f"{self.search.converged}"
+                        msg = {"stop": reason}
+                    else:
+                        msg = self._message(prop, time.perf_counter() - t)
                 else:
                     msg = {"stop": reason}
             t = time.perf_counter()

@@ -19,6 +19,22 @@ Only ``ax`` and ``random``, which ask Ax itself, wait for it first. The
 fsync'd ledger is written synchronously by the driver before any of this, so
 a kill loses at most the trial in flight (see ``ledger.py``).
 
+No budget is spent on a point already evaluated. Once the GP believes the
+incumbent is best it proposes it (or a hair beside it) again and again; a
+repeat of a deterministic evaluation teaches it nothing. So the ``paper``
+optimizer's proposal within ``NEAR`` (every unit coordinate) of a completed or
+failed trial is replaced by the acquisition's best point not yet evaluated,
+recorded as ``deduplicated_from`` (the point it replaces, and the trial it
+repeats); when nothing else is worth an evaluation (``bo.GPProposer.propose``),
+``ask`` returns None and the search ends as converged. ``ax`` proposes from
+its own acquisition optimiser, which cannot be asked for a second-best point,
+so a near-repeat from Ax (a sign it has nothing better) ends the search the
+same way, its trial abandoned in Ax. ``grid`` never repeats itself, and
+``random``'s Sobol points are near one another only by chance, which ends
+nothing: the next point is elsewhere. Baselines and the initial points are
+evaluated as the paper and the baselines define them (an exact repeat is
+reused for free by the loop).
+
 Knows nothing of Lightning or ranks: the driver calls it on rank 0 only.
 """
 
@@ -40,6 +56,8 @@ __all__ = ["Proposal", "AxSearch", "OBJECTIVE"]
 
 log = logging.getLogger(__name__)
 DIED = "the process died while this trial was running; it is evaluated again"
+NEAR = 5e-3  # a proposal within this of an evaluated point, in every unit coordinate, is a repeat
+WORTH = 1e-9  # an expected improvement below this fraction of the best objective is not worth an evaluation
 
 
 @dataclass
@@ -51,6 +69,7 @@ class Proposal:
     weights: list[float]
     origin: str  # "init", "grid", "random", "ax", "baseline:<name>", or the acquisition: "ei", "pi", "ucb"
     state: dict | None = None  # optimizer state to keep with the trial (GP-Hedge gains)
+    deduplicated_from: dict | None = None  # {"params", "trial"}: the repeat this proposal replaces
 
 
 def _quiet_ax() -> None:
@@ -126,9 +145,11 @@ class AxSearch:
         self.client.configure_optimization(objective=f"-{OBJECTIVE}")
         self._book = _Bookkeeper(background=conf.background_bookkeeping)
         self._next = 0
-        self._queue: list[tuple[dict[str, float], str]] = []
+        self._queue: list[tuple[dict[str, float], str, dict]] = []  # (params, origin, what the trial keeps)
         self._params: dict[int, dict[str, float]] = {}
         self._observed: list[tuple[list[float], float]] = []
+        self._evaluated: dict[int, list[float]] = {}  # unit points of completed and failed trials: never proposed again
+        self.converged: str | None = None  # why ask() returned None
         self._proposer = None
         self.hedge: dict | None = None
         if conf.name == "paper":
@@ -136,11 +157,11 @@ class AxSearch:
 
             self._proposer = GPProposer(space.dim, conf.acquisition, seed=conf.seed)
             self._proposer.set_candidates(space.candidates(2001 if space.dim == 1 else 4096, conf.seed))
-            self._queue = [(p, "init") for p in space.initial()]
+            self._queue = [(p, "init", {}) for p in space.initial()]
         elif conf.name == "ax":
             self.client.configure_generation_strategy(method="fast", initialization_random_seed=conf.seed)
         elif conf.name == "grid":
-            self._queue = [(p, "grid") for p in space.grid(conf.trials, seed=conf.seed)]
+            self._queue = [(p, "grid", {}) for p in space.grid(conf.trials, seed=conf.seed)]
         elif conf.name == "random":
             self.client.configure_generation_strategy(method="random_search",
                                                       initialization_random_seed=conf.seed)
@@ -148,11 +169,12 @@ class AxSearch:
             raise ValueError(f"unknown search.name {conf.name!r}")
 
     # --- proposing -----------------------------------------------------------------------
-    def ask(self) -> Proposal:
-        """The next trial to evaluate (attached to the Ax experiment as RUNNING)."""
-        state = None
+    def ask(self) -> Proposal | None:
+        """The next trial (attached to the Ax experiment as RUNNING); None when converged (see ``converged``)."""
+        state = dedup = None
         if self._queue:
-            params, origin = self._queue.pop(0)
+            params, origin, keep = self._queue.pop(0)
+            state, dedup = keep.get("state"), keep.get("deduplicated_from")
         elif self._proposer is not None and len(self._observed) < 2:
             # An initial point failed (e.g. a non-finite loss): the GP needs two observations, so
             # seed it with a quasi-random point of the space, chosen by (seed, trial) like the rest.
@@ -168,11 +190,18 @@ class AxSearch:
 
             X = torch.tensor([x for x, _ in self._observed], dtype=torch.float64)
             y = torch.tensor([v for _, v in self._observed], dtype=torch.float64)
-            x, origin, hedge = self._proposer.propose(X, y, step=len(self._observed),
-                                                     state=HedgeState.from_dict(self.hedge))
-            self.hedge = hedge.to_dict()
+            got = self._proposer.propose(X, y, step=len(self._observed), state=HedgeState.from_dict(self.hedge),
+                                         evaluated=self._evaluated_points(), tol=NEAR, worth=WORTH)
+            if got.replaced is not None:
+                dedup = {"params": self.space.from_unit(got.replaced), "trial": self._nearest(got.replaced),
+                         "expected_improvement": got.gain}
+            if got.point is None:
+                return self._converge(f"{got.converged}; the point it repeats is trial {dedup['trial']}" if dedup
+                                      else got.converged)
+            self.hedge = got.state.to_dict()
+            origin = got.acquisition
             state = {"hedge": self.hedge} if self.conf.acquisition == "gp_hedge" else None
-            params = self.space.from_unit(x)
+            params = self.space.from_unit(got.point)
         else:
             self._book.wait()  # Ax itself proposes: it must have seen every result first
             with warnings.catch_warnings():
@@ -182,18 +211,45 @@ class AxSearch:
                 raise RuntimeError(f"Ax numbered a trial {index}, expected {self._next}")
             self._next = index + 1
             params = {k: float(v) for k, v in params.items()}
+            if self.conf.name == "ax":
+                import torch
+
+                from .bo import near
+
+                unit = self.space.to_unit(params)
+                if bool(near(torch.tensor([unit], dtype=torch.float64), self._evaluated_points(), NEAR)[0]):
+                    self._book.defer(self.client.mark_trial_abandoned, index)
+                    shown = {k: round(v, 6) for k, v in params.items()}
+                    return self._converge(f"Ax proposed {shown}, within {NEAR:g} of trial {self._nearest(unit)} "
+                                          f"already evaluated: its acquisition has nothing better")
             self._params[index] = params
             return Proposal(index, params, self.space.weights(params), "random" if self.conf.name == "random" else "ax")
-        return self.attach(params, origin, state)
+        return self.attach(params, origin, state, dedup)
 
-    def attach(self, params: dict[str, float], origin: str, state: dict | None = None) -> Proposal:
+    def _evaluated_points(self):
+        import torch
+
+        pts = list(self._evaluated.values())
+        return torch.tensor(pts, dtype=torch.float64) if pts else None
+
+    def _nearest(self, unit: list[float]) -> int | None:
+        """The evaluated trial closest to ``unit`` (max-norm in the unit cube)."""
+        return min(self._evaluated, key=lambda i: max(abs(a - b) for a, b in zip(self._evaluated[i], unit)),
+                   default=None)
+
+    def _converge(self, reason: str) -> None:
+        self.converged = reason
+        return None
+
+    def attach(self, params: dict[str, float], origin: str, state: dict | None = None,
+               deduplicated_from: dict | None = None) -> Proposal:
         """Record a point chosen here (an initial point, a GP proposal or a baseline) as the next trial."""
         params = {k: float(v) for k, v in params.items()}
         index = self._next
         self._next += 1
         self._params[index] = params
         self._book.defer(self._attach_now, params, index)
-        return Proposal(index, params, self.space.weights(params), origin, state)
+        return Proposal(index, params, self.space.weights(params), origin, state, deduplicated_from)
 
     def _attach_now(self, params: dict[str, float], expect: int) -> None:
         index = self.client.attach_trial(params)
@@ -214,10 +270,13 @@ class AxSearch:
         if not math.isfinite(loss):
             raise ValueError(f"trial {index}: a non-finite loss ({loss}) is never given to Ax; use fail()")
         self._observed.append((self.space.to_unit(self._params[index]), float(loss)))
+        self._evaluated[index] = self._observed[-1][0]
         self._book.defer(self.client.complete_trial, index, raw_data={OBJECTIVE: float(loss)})
 
     def fail(self, index: int, reason: str) -> None:
-        """Mark a trial failed; its loss is never given to the surrogate."""
+        """Mark a trial failed; its loss is never given to the surrogate, and its point is not proposed again."""
+        if index in self._params:
+            self._evaluated[index] = self.space.to_unit(self._params[index])
         self._book.defer(self.client.mark_trial_failed, index, failed_reason=reason)
 
     def save(self, path: str | Path) -> None:
@@ -267,10 +326,14 @@ class AxSearch:
             except Exception as e:  # noqa: BLE001 - a stale snapshot only costs the Ax generator's memory
                 log.warning("could not load %s (%s); rebuilding the Ax experiment from %s", snapshot, e, ledger.path)
                 status = {}
-        rerun: list[tuple[dict[str, float], str]] = []
+        rerun: list[tuple[dict[str, float], str, dict]] = []
         tried: list[tuple[dict[str, float], str]] = []
         for rec in ledger.ordered():
             idx, params = int(rec["trial"]), {k: float(v) for k, v in rec["params"].items()}
+            # A re-run keeps what its proposal recorded: the GP-Hedge state after it, the repeat it replaced.
+            keep = {k: rec[k] for k in ("state", "deduplicated_from") if rec.get(k)}
+            if rec.get("state") and rec["state"].get("hedge"):
+                s.hedge = rec["state"]["hedge"]  # the last proposal's, as the uninterrupted search has it
             if idx not in status:
                 got = s.client.attach_trial(params)
                 if got != idx:
@@ -281,22 +344,22 @@ class AxSearch:
                 if status[idx] != "COMPLETED":
                     s.client.complete_trial(idx, raw_data={OBJECTIVE: float(rec[OBJECTIVE])})
                 s._observed.append((space.to_unit(params), float(rec[OBJECTIVE])))
-                if rec.get("state") and rec["state"].get("hedge"):
-                    s.hedge = rec["state"]["hedge"]
+                s._evaluated[idx] = s._observed[-1][0]
                 tried.append((params, rec.get("origin", "")))
             elif rec["status"] == "failed":
                 if status[idx] == "RUNNING":
                     s.client.mark_trial_failed(idx, failed_reason=str(rec.get("reason", "failed")))
                 if rec.get("reason") != DIED:
                     tried.append((params, rec.get("origin", "")))
+                    s._evaluated[idx] = space.to_unit(params)
                 elif not any(int(r["trial"]) > idx and r["params"] == rec["params"] for r in ledger.ordered()):
-                    rerun.append((params, rec.get("origin", "")))  # died, and a crash came before its re-run
+                    rerun.append((params, rec.get("origin", ""), keep))  # died, and a crash came before its re-run
             else:  # running when the process died
                 if status[idx] == "RUNNING":
                     s.client.mark_trial_failed(idx, failed_reason=DIED)
                 ledger.write({**rec, "status": "failed", "reason": DIED})
                 if not str(rec.get("origin", "")).startswith("baseline:"):
-                    rerun.append((params, rec.get("origin", "")))
+                    rerun.append((params, rec.get("origin", ""), keep))
                 log.warning("trial %d was running when the process died: marked failed, evaluated again", idx)
             status[idx] = "DONE"
         for idx, st in status.items():
@@ -305,9 +368,9 @@ class AxSearch:
         s._next = max(status) + 1 if status else 0
 
         def among(p: dict[str, float], origin: str, pool) -> bool:
-            return any(o == origin and all(abs(q[k] - p[k]) < 1e-12 for k in p) for q, o in pool)
+            return any(o == origin and all(abs(q[k] - p[k]) < 1e-12 for k in p) for q, o, *_ in pool)
 
-        s._queue = rerun + [(p, o) for p, o in s._queue if not among(p, o, tried) and not among(p, o, rerun)]
+        s._queue = rerun + [(p, o, x) for p, o, x in s._queue if not among(p, o, tried) and not among(p, o, rerun)]
         log.info("resumed %d trials from %s (%d completed, %d to re-run)", len(ledger.records), ledger.path,
                  len(s._observed), len(rerun))
         return s
