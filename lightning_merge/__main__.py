@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         run_cfg.output_dir = HydraConfig.get().runtime.output_dir
         from .driver import run
 
-        run(run_cfg)
+        run(run_cfg, on_accepted=_record_once_accepted(run_cfg.output_dir, cfg))
     except (ConfigError, CheckpointError, DataError, MergeError) as e:
         log.error("%s", e)
         print(f"lightning_merge: error: {e}", file=sys.stderr)
@@ -45,6 +45,22 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"lightning_merge: error: {e}", file=sys.stderr)
         sys.exit(3)
+
+
+def _record_once_accepted(output_dir: str, cfg: DictConfig):
+    """The driver's ``on_accepted`` hook: Hydra's record (``.hydra/``) of a run it has accepted, from rank 0.
+
+    conf/config.yaml turns Hydra's own record at job start off (``hydra.output_subdir: null``), so a
+    run refused by its checks never overwrites the record of the run in its folder (see record.py).
+    """
+    def hook() -> None:
+        from .driver import launched_rank
+        from .record import write_hydra_record
+
+        if launched_rank() == 0:
+            write_hydra_record(output_dir, cfg)
+
+    return hook
 
 
 # Hydra's flags that take no value. argparse cannot mix them into the overrides, so

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .naming import _lm_experiment, experiment_name, run_dirname  # re-exported: the names runs get
+
 __all__ = [
     "DemoConf",
     "CheckpointsConf",
@@ -28,6 +30,8 @@ __all__ = [
     "RunConfig",
     "register_configs",
     "to_run_config",
+    "experiment_name",
+    "run_dirname",
 ]
 
 
@@ -86,8 +90,10 @@ class CheckpointsConf:
     selector keys narrow them: ``names`` (explicit), ``steps`` (``[lo, hi]``),
     ``every`` (every n-th back from the newest), ``last`` (the newest n).
     ``config_dir`` gives ``config.json`` + tokenizer for formats that lack them
-    (a Lightning ``.ckpt``); ``strip_prefix`` forces the wrapper prefix to strip
-    from ``.ckpt``/ZeRO keys (null: detect ``module.``/``model.``/...).
+    (a Lightning ``.ckpt``); ``tokenizer_dir`` gives the tokenizer alone (a
+    tokenizer-only folder, when the checkpoints carry ``config.json`` but no
+    tokenizer); ``strip_prefix`` forces the wrapper prefix to strip from
+    ``.ckpt``/ZeRO keys (null: detect ``module.``/``model.``/...).
     """
 
     sources: list[str] = field(default_factory=list)
@@ -96,6 +102,7 @@ class CheckpointsConf:
     steps: Optional[list[int]] = None
     names: Optional[list[str]] = None
     config_dir: Optional[str] = None
+    tokenizer_dir: Optional[str] = None
     strip_prefix: Optional[str] = None
     hub_cache: Optional[str] = None
 
@@ -124,6 +131,12 @@ class TextSetConf:
     (a seeded subset of documents) and ``max_tokens`` (a seeded subset of
     documents up to that token budget); then ``num_blocks`` evenly spaced
     windows of ``block_size`` tokens are kept from the packed stream.
+
+    ``txt_documents``: how a ``.txt`` file is cut into documents: ``file`` (the
+    whole file is one document, the default), ``blank_lines`` (documents are
+    separated by one or more blank lines, and keep their own line breaks) or
+    ``lines`` (one document per line, blank lines dropped; the old reading).
+    Other file types ignore it.
     """
 
     path: str = ""
@@ -136,8 +149,11 @@ class TextSetConf:
     max_tokens: Optional[int] = None
     max_documents: Optional[int] = None
     seed: int = 0
+    txt_documents: str = "file"
 
     def __post_init__(self) -> None:
+        _require(self.txt_documents in ("file", "blank_lines", "lines"), "data.*.txt_documents",
+                 f"got {self.txt_documents!r}; use file (one document per .txt file), blank_lines or lines")
         _require(self.block_size >= 2, "data.*.block_size", f"must be >= 2, got {self.block_size}")
         _require(self.num_blocks is None or self.num_blocks >= 1, "data.*.num_blocks",
                  f"must be >= 1 or null, got {self.num_blocks}")
@@ -367,11 +383,14 @@ class MergeConf:
     ``recipe``: a ``merge.yaml`` written with an earlier merge; its sources and
     weights are used (``mode=merge merge.recipe=out/merged/merge.yaml``).
     ``nonfloat``: ``equal`` (integer buffers must agree) or ``newest``.
+    ``normalize``: divide the weights by their sum (true), or use them as given
+    (false). Left unset (null), weights are used as given, and weights that do
+    not sum to 1 are warned about with the factor they scale the model by.
     """
 
     weights: Optional[list[float]] = None
     recipe: Optional[str] = None
-    normalize: bool = False
+    normalize: Optional[bool] = None
     nonfloat: str = "equal"
     write: bool = True
     out: str = "merged"
@@ -419,31 +438,16 @@ class RunConfig:
                      "(or merge.recipe=PATH/merge.yaml)")
 
 
-def run_dirname(overrides: str, limit: int = 180) -> str:
-    """A sweep point's folder name from its overrides: one path component, deterministic.
-
-    A path in an override (``checkpoints.sources=[/ckpts/run1]``) is shortened
-    to its last component, so folders never nest; then, or when the name is
-    over ``limit`` characters, a hash of the full overrides is appended, so two
-    points never share a folder.
-    """
-    import hashlib
-    import re
-
-    name = re.sub(r"[^=,\[\]]*/([^=,\[\]/]+)", r"\1", overrides).replace("/", "_") or "default"
-    if name != overrides or len(name) > limit:
-        name = f"{name[:limit - 13]}-{hashlib.sha1(overrides.encode()).hexdigest()[:12]}"
-    return name
-
-
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore as ``schema``, and the ``lm_dirname`` resolver."""
+    """Register the schema in Hydra's ConfigStore as ``schema``, and the ``lm_dirname`` and ``lm_experiment`` resolvers."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="schema", node=RunConfig)
     if not OmegaConf.has_resolver("lm_dirname"):
         OmegaConf.register_new_resolver("lm_dirname", run_dirname)
+    if not OmegaConf.has_resolver("lm_experiment"):
+        OmegaConf.register_new_resolver("lm_experiment", _lm_experiment)
 
 
 def to_run_config(cfg: Any) -> RunConfig:

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 from .io import atomic_write_json, atomic_write_text
 
 __all__ = ["results_dict", "write_results", "write_report", "LiveReport", "print_summary", "model_card",
-           "trial_progress"]
+           "trial_progress", "live_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,29 @@ def write_results(out: Path, results: dict) -> Path:
 
 
 def command_line() -> str:
-    """The command that reproduces this run, as typed."""
-    return "python -m lightning_merge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command that made this run, as typed: the program and its overrides, shell-quoted.
+
+    The program is ``lightning-merge`` for the console script, else ``python -m
+    lightning_merge``; the overrides are ``sys.argv`` as given. One point of a
+    sweep (``-m``) is given as the single run it is: its own overrides (Hydra's
+    ``overrides.task``, not the sweep's comma lists) and its folder as ``output_dir``.
+    Called from Python (``driver.run``, no Hydra job), ``sys.argv`` is another
+    program's, and the line says so instead of inventing a command.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    script = Path(sys.argv[0]).name == "lightning-merge"
+    prog = "lightning-merge" if script else "python -m lightning_merge"
+    args = sys.argv[1:]
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        hc = HydraConfig.get()
+        args = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
+        args.append(f"output_dir={hc.runtime.output_dir}")
+    elif not (HydraConfig.initialized() or script
+              or Path(sys.argv[0]).resolve() == Path(__file__).with_name("__main__.py").resolve()):
+        return "(not run from the command line: lightning_merge.driver.run was called from Python)"
+    return " ".join([prog, *(shlex.quote(a) for a in args)])
 
 
 def _objective_label(objective: str) -> str:
@@ -125,8 +146,8 @@ def _w(weights: Sequence[float]) -> str:
     return "[" + ", ".join(f"{w:.3f}" for w in weights) + "]"
 
 
-def print_summary(results: dict, cfg) -> None:
-    """The final table on the terminal."""
+def print_summary(results: dict, cfg, console=None) -> None:
+    """The final table on the terminal (``console``: rich's, default a new one on stdout)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -156,59 +177,32 @@ def print_summary(results: dict, cfg) -> None:
                       *([f"{c.get('mc_acc', float('nan')):.4f}", f"{c.get('mc_acc_norm', float('nan')):.4f}"]
                         if has_mc else []),
                       gain, style=style)
-    con = Console(width=max(Console().width, 120))
+    con = console or Console(width=max(Console().width, 120))
     con.print(table)
     secs = "  ".join(f"{k} {v:.1f}s" for k, v in results["seconds"].items())
     con.print(f"[bold]wall time[/] {secs}")
     if "gain_vs_last_percent" in results:
         con.print(f"[bold]best merge[/] gains {results['gain_vs_last_percent']:+.2f}% over the last checkpoint "
                   f"({results['gain_vs_best_single_percent']:+.2f}% over the best single checkpoint)")
+    if any(c.get("kind") == "search" for c in cands):
+        from rich.markup import escape
+
+        from .card import merging_verdict
+
+        verdict = merging_verdict(results.get("sources") or [], results["best"], cands)
+        if verdict:
+            head, rest = verdict.split(":", 1)
+            con.print(f"[bold yellow]{escape(head)}[/]:{escape(rest)}", highlight=False)
     if results.get("merged_dir"):
         con.print(f"[bold]merged model[/] {results['merged_dir']}")
 
 
-def model_card(series, best: dict, candidates: list[dict], cfg) -> str:
-    """The merged model's README.md: sources, weights, metric, gains, and how to reproduce."""
-    singles = [c for c in candidates if c.get("kind") == "checkpoint"]
-    ref = singles[-1]["heldout_loss"] if singles else None
-    rows = "\n".join(f"| {c['name']} | {_w(c['weights'])} | {c['heldout_loss']:.4f} | "
-                     f"{_gain(c['heldout_loss'], ref):+.2f}% |" if ref else
-                     f"| {c['name']} | {_w(c['weights'])} | {c['heldout_loss']:.4f} | |" for c in candidates)
-    others = [c for c in candidates if c.get("kind") != "search"]
-    gains = ""
-    if ref and others:
-        top = min(others, key=lambda c: c["heldout_loss"])
-        gains = (f"\nThe merge's held-out loss is {best['heldout_loss']:.4f}: "
-                 f"{_gain(best['heldout_loss'], ref):+.2f}% against the last checkpoint ({ref:.4f}) and "
-                 f"{_gain(best['heldout_loss'], top['heldout_loss']):+.2f}% against the best other candidate "
-                 f"({top['name']}, {top['heldout_loss']:.4f}); positive means lower loss.\n")
-    src = "\n".join(f"{i}. `{p}` (weight {w:.4f})" for i, (p, w) in
-                    enumerate(zip(series.paths, best["weights"])))
-    return f"""---
-library_name: transformers
-tags: [lightning_merge, checkpoint-merging]
----
-# Merged checkpoint ({cfg.experiment})
+def model_card(series, best: dict, candidates: list[dict], cfg, command: str | None = None) -> str:
+    """The merged model's README.md (see ``card.py``): sources, weights, losses or that none were measured,
+    whether merging helped, and the command that made it (``command``, default :func:`command_line`)."""
+    from .card import model_card as card
 
-A weighted average of pretraining checkpoints, found by `lightning_merge` with
-`search.name={cfg.search.name}` (Bayesian optimisation of the merge weights, after
-Liu et al., *Checkpoint Merging via Bayesian Optimization in LLM Pretraining*, arXiv 2403.19390).
-
-## Sources (oldest first) and weights
-{src}
-
-## Held-out loss (token-weighted mean NLL, nats/token)
-{gains}
-| candidate | weights | held-out loss | gain vs last |
-|---|---|---|---|
-{rows}
-
-## Reproduce
-```
-{command_line()}
-```
-or re-run the recipe in `merge.yaml` (`python -m lightning_merge mode=merge ...`, see its `command`).
-"""
+    return card(series, best, candidates, cfg, command=command)
 
 
 class _Bar:
@@ -231,16 +225,90 @@ class _Bar:
             self.progress.update(self.eval_task, completed=done, total=max(total, 1), visible=done < total)
 
 
+class _LiveStream:
+    """A logging handler's stream while the progress display is live: whole lines go through the
+    display's console, so they are printed above the bar instead of after it on the bar's line.
+
+    Hydra's console handler holds the real ``sys.stdout`` (resolved when logging was configured), so
+    rich's own redirection of ``sys.stdout`` never sees its lines. Lines are printed as plain text
+    (no markup, no highlighting) and unwrapped (``soft_wrap``), so long paths stay whole.
+    """
+
+    def __init__(self, console, stream) -> None:
+        self.console, self.stream, self._partial = console, stream, ""
+
+    def write(self, text: str) -> int:
+        from rich.text import Text
+
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            self.console.print(Text.from_ansi("\n".join(lines)), soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.write("\n")
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno...: the stream it stands in for
+        if name == "stream":
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
+def _writes_where_the_bar_is(stream, console) -> bool:
+    """Whether a handler writing to ``stream`` would land on the live display's lines."""
+    if stream is console.file:
+        return True
+    try:  # stdout and stderr on one terminal: the bar is drawn on the same screen
+        return console.is_terminal and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 @contextlib.contextmanager
-def trial_progress(total: int, enabled: bool = True) -> Iterator[_Bar]:
-    """A rich progress display over trials, with the current evaluation's batches (rank 0 only)."""
+def live_logging(progress) -> Iterator[None]:
+    """While the rich ``progress`` is live, print every console log line through it, above the bar.
+
+    Every stream handler (file handlers are left alone) that writes where the bar is drawn gets a
+    ``_LiveStream`` on the progress's console for the duration, and its own stream back after.
+    Only on a terminal: where stdout is a file (a SLURM log) nothing is live, and lines stay as written.
+    """
+    console = progress.console
+    if not (progress.live.is_started and console.is_terminal):
+        yield
+        return
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    swapped = []
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and _writes_where_the_bar_is(handler.stream, console):
+            try:
+                swapped.append((handler, handler.setStream(_LiveStream(console, handler.stream))))
+            except AttributeError:  # logging.lastResort: writes to sys.stderr as it is now (rich's proxy)
+                pass
+    try:
+        yield
+    finally:
+        for handler, stream in swapped:
+            handler.setStream(stream)  # flushes the live stream first
+
+
+@contextlib.contextmanager
+def trial_progress(total: int, enabled: bool = True, console=None) -> Iterator[_Bar]:
+    """A rich progress display over trials, with the current evaluation's batches (rank 0 only).
+
+    While it is live, log lines are printed through its console, above the bar (``live_logging``).
+    ``console``: where to draw it (default: rich's console on stdout).
+    """
     if not enabled:
         yield _Bar()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.fields[label]}[/]"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.description}")) as progress:
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress, \
+            live_logging(progress):
         task = progress.add_task("baselines first", total=total, label="search")
         eval_task = progress.add_task("batches", total=1, label="evaluating", visible=False)
         yield _Bar(progress, task, eval_task)

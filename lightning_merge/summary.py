@@ -3,7 +3,9 @@
 A sweep (``python -m lightning_merge -m search.alpha=0,0.5``) writes one run
 directory per point under ``hydra.sweep.dir``, named by Hydra's
 ``override_dirname`` (``search.alpha=0.5``), each with its ``results.json``
-and ``.hydra/overrides.yaml``. :func:`summarize` reads them all and publishes
+and ``.hydra/overrides.yaml`` (written once the run is accepted, see
+``record.py``: a point refused by its checks leaves no record, and an earlier
+run's record is never overwritten by it). :func:`summarize` reads them all and publishes
 ``summary.json``, ``summary.md`` and ``summary.png`` in the sweep directory;
 it runs at the end of every sweep through the :class:`SweepSummary` Hydra
 callback (``hydra.callbacks.sweep_summary`` in conf/config.yaml), and by hand
