@@ -268,7 +268,9 @@ def train(conf: DemoConf, tokenizer, tokens: torch.Tensor, out: Path, progress: 
     gen = torch.Generator().manual_seed(conf.seed)
     save_at = set(checkpoint_steps(conf))
     saved: list[Path] = []
-    with _progress(progress) as bar:
+    from .report import live_logging
+
+    with _progress(progress) as bar, live_logging(bar):  # log lines above the bar, not glued to it
         task = bar.add_task("train", total=conf.steps, loss="-")
         for step in range(conf.steps):
             for g in opt.param_groups:

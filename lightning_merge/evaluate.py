@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -210,6 +212,34 @@ def lightning_strategy(conf: StrategyConf, model: torch.nn.Module | None = None)
     raise ValueError(f"strategy.name={conf.name!r}")
 
 
+_srun_hint_shown = False
+
+
+def _quiet_srun_hint() -> None:
+    """Lightning's "`srun` ... is available ... but is not used" hint: once in a SLURM job, never outside one.
+
+    Lightning checks for ``srun`` on PATH each time it asks whether it runs under SLURM (several
+    times per ``validate``), and each change to the warning filters (every ``catch_warnings``
+    block in the search) resets Python's memory of warnings already shown, "once" included; so
+    on a machine with SLURM installed the hint came 14-27 times a run. Its own warning is
+    therefore always ignored, and the hint is given here, in one log line, only where it is
+    right: inside a SLURM job (``SLURM_JOB_ID``) whose python was started without ``srun``
+    (Lightning's test: no ``SLURM_NTASKS``, or an interactive job), where a multi-GPU run would
+    see one process. Outside a job (a login node, a workstation with the client tools) it is noise.
+    """
+    global _srun_hint_shown
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+    job = os.environ.get("SLURM_JOB_ID")
+    srun_used = "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    if _srun_hint_shown or not job or srun_used or shutil.which("srun") is None \
+            or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    _srun_hint_shown = True
+    log.warning("The `srun` command is available on your system but is not used: SLURM job %s runs python "
+                "directly, so Lightning sees one process. For several GPUs or nodes, start it with "
+                "`srun python -m lightning_merge ...` (slurm/merge.sbatch does).", job)
+
+
 def _slurm_plugins() -> list:
     """Under SLURM, Lightning's environment without its own requeue: our driver saves and requeues itself."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -269,6 +299,7 @@ class Evaluator:
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
+        _quiet_srun_hint()  # before _slurm_plugins() below, Lightning's first check
         self.trainer = L.Trainer(
             accelerator=conf.accelerator, devices=conf.devices, num_nodes=conf.num_nodes,
             strategy=lightning_strategy(conf, model), precision=conf.precision, logger=False, enable_checkpointing=False,
