@@ -227,7 +227,8 @@ def make_space(conf, k: int):
     if conf.space == "pairwise":
         if not all(-k <= i < k for i in conf.pair):
             raise ValueError(f"search.pair={list(conf.pair)}: {k} checkpoints are loaded, so indices must be in "
-                             f"[{-k}, {k - 1}] (negative counts from the newest); load more with checkpoints.last")
+                             f"[{-k}, {k - 1}] (negative counts from the newest). To load more, raise checkpoints.last "
+                             "(it keeps the newest N of what the sources resolve to) or give more checkpoints.sources")
         pair = tuple(i % k for i in conf.pair)
         if pair[0] >= pair[1]:
             raise ValueError(f"search.pair={list(conf.pair)}: give [older, newer] (they are checkpoints "

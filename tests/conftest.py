@@ -49,6 +49,19 @@ def make_llama(path: Path, seed: int, tokenizer, hidden: int = 32, layers: int =
     return path
 
 
+class OneProcess:
+    """What the loop needs of an Evaluator, on a single process."""
+
+    merge_seconds = hook_seconds = 0.0
+    on_merged = on_batch = None
+
+    def broadcast(self, obj):
+        return obj
+
+    def any_rank(self, flag):
+        return bool(flag)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

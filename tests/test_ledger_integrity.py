@@ -21,6 +21,8 @@ from lightning_merge.loop import SearchLoop
 from lightning_merge.search import DIED, AxSearch
 from lightning_merge.spaces import PairwiseSpace
 
+from conftest import OneProcess
+
 
 def line(trial, status, lam=0.5, origin="ei", **extra):
     rec = {"trial": trial, "status": status, "weights": [1 - lam, lam], "params": {"lam": lam}, "origin": origin}
@@ -85,17 +87,6 @@ def test_a_corrupt_line_mid_file_is_refused_with_its_line(tmp_path):
     path.write_text(json.dumps(line(0, "running")) + "\n" + torn + "\n" + json.dumps(line(0, "completed")) + "\n")
     with pytest.raises(ConfigError, match=r"trials.jsonl: line 2 is not valid JSON.*search.restart=true"):
         Ledger.open(path)
-
-
-class OneProcess:
-    merge_seconds = hook_seconds = 0.0
-    on_merged = on_batch = None
-
-    def broadcast(self, obj):
-        return obj
-
-    def any_rank(self, flag):
-        return bool(flag)
 
 
 def _loop(out, seed):

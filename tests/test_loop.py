@@ -18,18 +18,7 @@ from lightning_merge.loop import SearchLoop
 from lightning_merge.search import AxSearch
 from lightning_merge.spaces import PairwiseSpace
 
-
-class OneProcess:
-    """What the loop needs of an Evaluator, on a single process."""
-
-    merge_seconds = hook_seconds = 0.0
-    on_merged = on_batch = None
-
-    def broadcast(self, obj):
-        return obj
-
-    def any_rank(self, flag):
-        return bool(flag)
+from conftest import OneProcess
 
 
 def make_loop(tmp_path, objective, search=None, baselines=None, **search_kw):

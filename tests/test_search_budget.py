@@ -19,18 +19,9 @@ from lightning_merge.loop import SearchLoop
 from lightning_merge.search import NEAR, AxSearch
 from lightning_merge.spaces import PairwiseSpace, SimplexSpace
 
+from conftest import OneProcess
+
 GP = ("ei", "pi", "ucb")
-
-
-class OneProcess:
-    merge_seconds = hook_seconds = 0.0
-    on_merged = on_batch = None
-
-    def broadcast(self, obj):
-        return obj
-
-    def any_rank(self, flag):
-        return bool(flag)
 
 
 def bowl(w):
@@ -196,7 +187,6 @@ def test_other_optimizers_and_the_simplex_hold_no_repeats(name, space):
         s.tell(p.index, 3.6 + sum((w - x) ** 2 for w, x in zip(p.weights, [0.2, 0.3, 0.5][-len(p.weights):])))
     s.close()
     assert len(seen) >= 12
-
 
 
 @pytest.mark.slow
