@@ -304,6 +304,7 @@ class CheckpointSeries:
     checkpoints: list[Checkpoint]
     config_dir: Path | None = None
     tokenizer_dir: Path | None = None  # when the tokenizer is not beside config.json
+    tie: bool | None = None  # tied embeddings as the resolved config says (None: read config.json)
 
     @classmethod
     def from_sources(cls, sources: Sequence[str | Path], last: int | None = None, *,
@@ -359,6 +360,10 @@ class CheckpointSeries:
 
     @property
     def tied(self) -> bool:
+        """Whether the output layer is the input embeddings: ``tie`` when set (the config as transformers
+        resolves it, defaults included: set by ``model.check_covers``), else ``config.json`` as written."""
+        if self.tie is not None:
+            return self.tie
         cfg = self.model_config
         return bool(cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings", False)))
 

@@ -96,13 +96,17 @@ def _sample(names, n: int = 6) -> str:
 def check_covers(series: CheckpointSeries, model: torch.nn.Module) -> None:
     """Refuse checkpoints whose tensors are not the model's: names missing or extra, or shapes that differ.
 
-    ``model`` may be on the ``meta`` device. The message names the checkpoint,
+    ``model`` may be on the ``meta`` device; the series takes its tie from it
+    (``CheckpointSeries.tie``). The message names the checkpoint,
     what it holds and what the model needs, so a training-state file or another
     framework's names are seen at once. Extra tensors the model class itself
     ignores on load (``_keys_to_ignore_on_load_unexpected``) are allowed.
     """
     import re
 
+    # The tie as transformers resolves the config (GPT2Config ties by default, so an older config.json
+    # without the key is tied): series.names then leaves out the lm_head alias the model does not hold.
+    series.tie = _ties(model.config)
     expected = expected_tensors(model)
     model_name = type(model).__name__
     ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]

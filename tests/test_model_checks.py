@@ -190,3 +190,22 @@ def test_tokenizer_dir_without_tokenizer_refused(tmp_path, tiny_run):
                checkpoints=CheckpointsConf(sources=[str(p) for p in tiny_run["paths"][1:]], tokenizer_dir=str(empty)))
     with pytest.raises(CheckpointError, match="checkpoints.tokenizer_dir: .* holds no tokenizer"):
         run(cfg)
+
+
+def test_tie_follows_the_resolved_config_not_the_raw_json(tmp_path, tokenizer, tiny_run):
+    """An older GPT-2 save: config.json without `tie_word_embeddings` (GPT2Config's default is tied) and an
+    explicit lm_head.weight copy in the file. The tie comes from the config as transformers resolves it."""
+    from safetensors.torch import load_file, save_file
+
+    paths = []
+    for s in (1, 2):
+        p = _gpt2(tmp_path / "ck" / f"step{s}", seed=s, tokenizer=tokenizer)
+        cfg = json.loads((p / "config.json").read_text())
+        cfg.pop("tie_word_embeddings", None)
+        (p / "config.json").write_text(json.dumps(cfg))
+        state = load_file(p / "model.safetensors")
+        state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+        save_file(state, p / "model.safetensors", metadata={"format": "pt"})
+        paths.append(p)
+    loss = run(_cfg(tmp_path, paths, tiny_run["heldout"]))["best"]["heldout_loss"]
+    assert loss == pytest.approx(_reference_loss(paths, [0.5, 0.5], tiny_run["heldout"], tokenizer), rel=1e-5)

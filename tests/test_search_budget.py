@@ -117,39 +117,32 @@ def test_a_resumed_search_makes_the_same_trials_as_an_uninterrupted_one(tmp_path
     whole.search.close()
     assert any("deduplicated_from" in r for r in whole.ledger.search_trials())
 
+    def resume_to_12(out, first):
+        """Close ``first``, restore its search from disk with a budget of 12, run that to the end."""
+        first.search.flush()
+        first.search.close()
+        led = Ledger.open(out / "trials.jsonl")
+        s = AxSearch.restore(SearchConf(**{**vars(first.cfg.search), "trials": 12}), first.space, "merge", led,
+                             out / "ax_snapshot.json")
+        again = make_loop(out, acquisition="gp_hedge", search=s)
+        again.run()
+        again.search.close()
+        return again
+
     # Stopped at a trial boundary after 7, resumed to 12.
-    out = tmp_path / "resumed"
-    first = make_loop(out, trials=7, acquisition="gp_hedge")
+    first = make_loop(tmp_path / "resumed", trials=7, acquisition="gp_hedge")
     first.run()
-    first.search.flush()
-    first.search.close()
-    conf = first.cfg.search
-    led = Ledger.open(out / "trials.jsonl")
-    s = AxSearch.restore(SearchConf(**{**vars(conf), "trials": 12}), first.space, "merge", led,
-                         out / "ax_snapshot.json")
-    again = make_loop(out, acquisition="gp_hedge", search=s)
-    again.run()
-    again.search.close()
-    assert points(again.ledger) == points(whole.ledger)
+    assert points(resume_to_12(tmp_path / "resumed", first).ledger) == points(whole.ledger)
 
     # Killed mid-trial after 8 (its running line written, never finished), resumed to 12: the trial is re-run
     # with what its proposal recorded, and the rest follows as before.
-    out = tmp_path / "killed"
-    first = make_loop(out, trials=8, acquisition="gp_hedge")
+    first = make_loop(tmp_path / "killed", trials=8, acquisition="gp_hedge")
     first.run()
     prop = first.search.ask()
     first.ledger.write({"trial": prop.index, "status": "running", "weights": prop.weights, "params": prop.params,
                         "origin": prop.origin, "state": prop.state,
                         **({"deduplicated_from": prop.deduplicated_from} if prop.deduplicated_from else {})})
-    first.search.flush()
-    first.search.close()
-    led = Ledger.open(out / "trials.jsonl")
-    s = AxSearch.restore(SearchConf(**{**vars(conf), "trials": 12}), first.space, "merge", led,
-                         out / "ax_snapshot.json")
-    again = make_loop(out, acquisition="gp_hedge", search=s)
-    again.run()
-    again.search.close()
-    assert points(again.ledger) == points(whole.ledger)
+    assert points(resume_to_12(tmp_path / "killed", first).ledger) == points(whole.ledger)
 
 
 def test_an_ax_proposal_that_repeats_a_trial_ends_the_search_and_is_abandoned_in_ax(tmp_path):
