@@ -111,18 +111,18 @@ def build(root: Path) -> dict[str, Path]:
         _save(_llama(tok, i), tok, root / "no_tok" / f"step{step}", with_tokenizer=False)
     tok.save_pretrained(root / "tokenizer_only")
     p["no_tok"], p["tok"] = root / "no_tok", root / "tokenizer_only"
-    # A nanoGPT-style training file: {"model": state_dict, "optimizer": ..., "iter_num": ..., ...}.
+    # A training loop's own file: {"model": state_dict, "optimizer": ..., "epoch": ..., ...}.
     m = _llama(tok, 0)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     m(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
-    nano = root / "nanogpt"
+    nano = root / "training_state"
     nano.mkdir()
     for step in (1000, 2000):
-        torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "model_args": {"n_layer": 2},
-                    "iter_num": step, "best_val_loss": torch.tensor(3.2), "config": {"lr": 1e-3}},
+        torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "epoch": step // 1000,
+                    "best_val_loss": torch.tensor(3.2), "config": {"lr": 1e-3}},
                    nano / f"ckpt_{step}.pt")
-    p["nanogpt"] = nano
+    p["training_state"] = nano
     # A PyTorch DCP folder (torchtitan-style step folders).
     import torch.distributed.checkpoint as dcp
 
@@ -149,9 +149,13 @@ def rows(p: dict[str, Path]) -> list[Row]:
             "refused:checkpoints.tokenizer_dir"),
         Row("tokenizer_dir", "... with checkpoints.tokenizer_dir", own(p["no_tok"], *ev,
             f"checkpoints.tokenizer_dir={p['tok']}"), "works"),
-        Row("nanogpt", "nanoGPT ckpt.pt files", own(p["nanogpt"], f"checkpoints.config_dir={p['llama']}/step100",
-            "mode=merge", "merge.weights=[0.5,0.5]"), "refused:'model'"),
-        Row("dcp", "a folder of DCP step folders", own(p["dcp"], *ev), "refused:dcp_to_torch"),
+        Row("training_state", "a training loop's {model, optimizer, epoch} files",
+            own(p["training_state"], f"checkpoints.config_dir={p['llama']}/step100", "mode=merge", "merge.weights=[0.5,0.5]"),
+            "refused:'model'"),
+        Row("dcp_no_config", "a folder of DCP step folders, no config", own(p["dcp"], *ev),
+            "refused:checkpoints.config_dir"),
+        Row("dcp", "... with checkpoints.config_dir", own(p["dcp"], *ev, f"checkpoints.config_dir={p['llama']}/step100"),
+            "works"),
         Row("no_heldout", "own checkpoints, no data.heldout.path", [f"checkpoints.sources=[{p['llama']}]", *ev],
             "refused:data.heldout.path"),
         Row("weight_count", "3 weights, default checkpoints.last=2", own(p["llama"], "mode=merge",

@@ -10,9 +10,15 @@ unpickled. A torch file must be a state dict (or a Lightning ``.ckpt`` holding
 one): a training-state file such as nanoGPT's ``ckpt.pt`` is refused, naming
 the state dicts inside it (``torchfiles.state_dict_of``). DeepSpeed ZeRO training
 folders are consolidated with DeepSpeed's own ``zero_to_fp32`` (lazily).
-Formats recognised but not read yet (DCP, LitGPT, ...) are refused by name
+Training frameworks' own formats (PyTorch DCP from torchtitan, Megatron-core and
+OLMo-core; LitGPT; nanoGPT) are read through ``formats/``: the checkpoint's
+tensors are then its framework's tensors mapped to the HF model's names, read
+through the map (:attr:`Checkpoint.opened`). Formats recognised but not read
+(PEFT adapters, GGUF, legacy Megatron) are refused by name
 (``unread.unread_format``). Tensors are read one at a time
-(:meth:`Checkpoint.read`) or all at once for the resident search loop
+(:meth:`Checkpoint.read`), as the flat slice a rank keeps
+(:meth:`Checkpoint.read_slice`, reading only those bytes where the format
+allows), or all at once for the resident search loop
 (:meth:`CheckpointSeries.load_resident`).
 
 Finding sources (hub repos, folders of checkpoints, selectors) lives in
@@ -21,9 +27,12 @@ Finding sources (hub repos, folders of checkpoints, selectors) lives in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import formats
 from .errors import CheckpointError
 from .torchfiles import state_dict_of, torch_load
 from .unread import unread_format
@@ -128,9 +138,12 @@ def _is_zero_dir(p: Path) -> bool:
 
 
 def is_checkpoint(p: Path) -> bool:
-    """True for anything :meth:`Checkpoint.open` can read."""
+    """True for anything :meth:`Checkpoint.open` can read (a framework's checkpoint still being written too:
+    ``sources.py`` applies the format's completion rule)."""
+    if formats.find(p) is not None:
+        return True
     if p.is_file():
-        return p.suffix in _FILE_SUFFIXES and p.name != "lit_model.pth"  # LitGPT's names: refused by name
+        return p.suffix in _FILE_SUFFIXES
     return p.is_dir() and (any((p / f).exists() for f in (_SINGLE, _INDEX, _BIN, _BIN_INDEX)) or _is_zero_dir(p))
 
 
@@ -177,18 +190,28 @@ class Checkpoint:
     config_dir: Path | None = None
     _reader: Callable[[str], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _handles: dict[Path, object] = field(default_factory=dict, repr=False, compare=False)  # open files
+    opened: "formats.Opened | None" = field(default=None, repr=False, compare=False)  # a framework's format
+    _bytes_read: int = field(default=0, repr=False, compare=False)
 
     @classmethod
-    def open(cls, path: str | Path, strip_prefix: str | None = None) -> "Checkpoint":
-        """Open any supported format; raise :class:`CheckpointError` naming the file at fault."""
+    def open(cls, path: str | Path, strip_prefix: str | None = None, *, config_dir: str | Path | None = None,
+             name_map: str | None = None) -> "Checkpoint":
+        """Open any supported format; raise :class:`CheckpointError` naming the file at fault.
+
+        ``config_dir`` and ``name_map`` matter for training frameworks' formats only: the HF config
+        the map needs (else the one the run carries), and a map of the user's own
+        (``checkpoints.name_map``)."""
         path = Path(path).expanduser()
         if not path.exists():
             raise CheckpointError(f"{path}: does not exist")
+        fmt = formats.find(path)
+        if fmt is not None:
+            return cls._from_format(path, fmt, Path(config_dir).expanduser() if config_dir else None, name_map)
         cfg = path if (path.is_dir() and (path / "config.json").exists()) else None
         if path.is_file():
             if path.suffix == ".safetensors":
                 return cls._from_safetensors(path, [path], None)
-            if path.suffix not in _FILE_SUFFIXES or path.name == "lit_model.pth":
+            if path.suffix not in _FILE_SUFFIXES:
                 raise CheckpointError(_not_read(path))
             state = state_dict_of(path, torch_load(path))
             return cls._from_state(path, state, None, strip_prefix)
@@ -252,9 +275,28 @@ class Checkpoint:
         return cls(path=path, tensors=tensors, config_dir=cfg,
                    _reader=lambda name: lazy[name].contiguous())
 
+    @classmethod
+    def _from_format(cls, path: Path, fmt, config_dir: Path | None, name_map: str | None) -> "Checkpoint":
+        opened = formats.open_mapped(path, fmt, config_dir, name_map)
+        native, pieces = opened.native, opened.pieces
+        tensors = {hf: TensorInfo(hf, tuple(p.shape), native.tensors[p.native].dtype, path)
+                   for hf, p in pieces.items()}
+        if not tensors:
+            raise CheckpointError(f"{path}: its {fmt.name} layout {opened.layout!r} maps no tensors")
+        cfg = config_dir if config_dir is not None and (config_dir / "config.json").is_file() else None
+        if cfg is None and native.hf_config is not None:
+            cfg = _derived_config_dir(native.hf_config, path)
+        return cls(path=path, tensors=tensors, config_dir=cfg,
+                   _reader=lambda n: formats.base.assemble(native, pieces[n]), opened=opened)
+
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of tensor data read from disk so far (for safetensors and the frameworks' formats)."""
+        return self._bytes_read + (self.opened.native.bytes_read if self.opened is not None else 0)
 
     @property
     def nbytes(self) -> int:
@@ -269,18 +311,43 @@ class Checkpoint:
             # A plain read into fresh memory rather than an mmap: mapped pages of every shard touched
             # would stay in the process (peak RSS ~ K whole checkpoints while streaming a merge);
             # this buffer is freed as soon as the caller drops the tensor.
-            fh = self._handles.get(info.file)
-            if fh is None:
-                fh = open(info.file, "rb", buffering=0)
-                self._handles[info.file] = fh
-            buf = bytearray(info.length)
-            fh.seek(info.offset)
-            if fh.readinto(buf) != info.length:
-                raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-            if info.length == 0:
-                t = torch.empty(info.shape, dtype=info.dtype)
-            else:
-                t = torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+            t = self._read_range(info, 0, math.prod(info.shape)).reshape(info.shape)
+        if t.is_floating_point() and not _all_finite(t):
+            raise CheckpointError(f"{info.file}: tensor {name!r} holds non-finite values (NaN or inf)")
+        return t
+
+    def _read_range(self, info: TensorInfo, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of a safetensors tensor, read from the file and nothing else."""
+        fh = self._handles.get(info.file)
+        if fh is None:
+            fh = open(info.file, "rb", buffering=0)
+            self._handles[info.file] = fh
+        esize = torch.empty((), dtype=info.dtype).element_size()
+        n = (end - start) * esize
+        if n == 0:
+            return torch.empty(0, dtype=info.dtype)
+        buf = bytearray(n)
+        fh.seek(info.offset + start * esize)
+        if fh.readinto(buf) != n:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        self._bytes_read += n
+        return torch.frombuffer(buf, dtype=info.dtype)
+
+    def read_slice(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened tensor ``name`` (a fresh 1-D tensor), read alone where
+        the format allows: safetensors by byte range, frameworks' formats through their map and reader
+        (DCP by the saved chunks that overlap it, torch files through mmap). Other formats (``.bin``,
+        ``.ckpt``, ZeRO) read the whole tensor and slice it. Checked finite, as :meth:`read` is."""
+        info = self.tensors[name]
+        if not 0 <= start <= end <= math.prod(info.shape):
+            raise CheckpointError(f"{self.path}: slice [{start}, {end}) is outside tensor {name!r} "
+                                  f"({math.prod(info.shape)} elements)")
+        if self.opened is not None:
+            t = formats.base.assemble_slice(self.opened.native, self.opened.pieces[name], start, end)
+        elif self._reader is None:
+            t = self._read_range(info, start, end)
+        else:
+            return self.read(name).reshape(-1)[start:end].clone()
         if t.is_floating_point() and not _all_finite(t):
             raise CheckpointError(f"{info.file}: tensor {name!r} holds non-finite values (NaN or inf)")
         return t
@@ -289,6 +356,43 @@ class Checkpoint:
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
+        if self.opened is not None:
+            self.opened.native.close()
+
+
+def _layout_words(ck: Checkpoint) -> str:
+    return f" ({ck.opened.fmt.name}, layout {ck.opened.layout})" if ck.opened is not None else ""
+
+
+def _config_cache() -> Path:
+    root = os.environ.get("LIGHTNING_MERGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lightning_merge")
+    return Path(root) / "configs"
+
+
+def _derived_config_dir(hf_config: dict, path: Path) -> Path:
+    """A folder holding ``hf_config`` as config.json and the tokenizer files found beside the checkpoint
+    (its folder or its ``tokenizer/``, else the run folder above it): what a framework's run carries, laid out as the HF
+    folder the model and tokenizer are loaded from. Content-addressed, so every rank finds the same."""
+    here = path if path.is_dir() else path.parent
+    # beside the weights, in a tokenizer/ folder of the checkpoint (Megatron's --save-tokenizer-assets),
+    # else in the run folder above it (LitGPT, nanoGPT)
+    tok = next((d for d in (here, here / "tokenizer", here.parent) if has_tokenizer(d)), None)
+    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+    key = hashlib.sha256((text + str(tok.resolve() if tok else "")).encode()).hexdigest()[:16]
+    out = _config_cache() / key
+    if not (out / "config.json").is_file():
+        from .io import atomic_write_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        for f in (sorted(tok.iterdir()) if tok else []):
+            if f.is_file() and (f.name in TOKENIZER_FILES or f.name in _TOKENIZER_EXTRAS):
+                shutil.copy2(f, out / f.name)
+        atomic_write_text(out / "config.json", text)  # last: its presence means the folder is whole
+    return out
+
+
+_TOKENIZER_EXTRAS = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 
 
 @dataclass
@@ -309,7 +413,7 @@ class CheckpointSeries:
     @classmethod
     def from_sources(cls, sources: Sequence[str | Path], last: int | None = None, *,
                      selector=None, strip_prefix: str | None = None, config_dir: str | Path | None = None,
-                     hub_cache: str | None = None) -> "CheckpointSeries":
+                     hub_cache: str | None = None, name_map: str | None = None) -> "CheckpointSeries":
         """Resolve, open and check sources (see ``sources.py`` for what a source may be).
 
         Raises :class:`CheckpointError` naming the checkpoint and tensor at fault.
@@ -319,13 +423,14 @@ class CheckpointSeries:
         if selector is None:
             selector = Selector(last=last)
         paths = resolve_sources(sources, selector, hub_cache=hub_cache)
-        return cls.from_paths(paths, strip_prefix=strip_prefix, config_dir=config_dir)
+        return cls.from_paths(paths, strip_prefix=strip_prefix, config_dir=config_dir, name_map=name_map)
 
     @classmethod
     def from_paths(cls, paths: Sequence[Path], *, strip_prefix: str | None = None,
-                   config_dir: str | Path | None = None) -> "CheckpointSeries":
+                   config_dir: str | Path | None = None, name_map: str | None = None) -> "CheckpointSeries":
         """Open and check checkpoints already resolved (``sources.resolve_sources``), in this order."""
-        series = cls([Checkpoint.open(p, strip_prefix=strip_prefix) for p in paths])
+        series = cls([Checkpoint.open(p, strip_prefix=strip_prefix, config_dir=config_dir, name_map=name_map)
+                      for p in paths])
         own = next((c.config_dir for c in reversed(series.checkpoints) if c.config_dir), None)
         series.config_dir = own
         if config_dir is not None:
@@ -387,7 +492,7 @@ class CheckpointSeries:
             extra = sorted(set(ck.tensors) - set(ref.tensors))
             if missing or extra:
                 raise CheckpointError(
-                    f"{ck.path}: tensor names differ from {ref.path}: "
+                    f"{ck.path}{_layout_words(ck)}: tensor names differ from {ref.path}{_layout_words(ref)}: "
                     f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                     f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}")
             for name, a in ref.tensors.items():
@@ -398,6 +503,17 @@ class CheckpointSeries:
                 if a.dtype != b.dtype and not (a.dtype.is_floating_point and b.dtype.is_floating_point):
                     raise CheckpointError(f"{ck.path}: non-float tensor {name!r} has dtype {b.dtype} "
                                           f"but {ref.path} has {a.dtype}")
+
+    @property
+    def source_format(self) -> "formats.Format | None":
+        """The framework format every checkpoint is in (for ``merge.format=source``), or None when they are
+        HF-family checkpoints; refuses a series that mixes formats."""
+        fmts = {ck.opened.fmt.name if ck.opened else None for ck in self.checkpoints}
+        if len(fmts) > 1:
+            raise CheckpointError("merge.format=source: the sources are in different formats "
+                                  f"({sorted(str(f) for f in fmts)}), so there is no one format to write the merge "
+                                  "in; use merge.format=hf")
+        return self.newest.opened.fmt if self.newest.opened else None
 
     def load_resident(self, names: Sequence[str] | None = None,
                       device: torch.device | str = "cpu") -> list[list[torch.Tensor]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lightning_merge.checkpoints import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["HubSourceError", "parse_hub_source", "resolve_hub_source", "MODEL_PATTERNS"]
 

@@ -267,8 +267,10 @@ def load_local_sources(series: CheckpointSeries, shards: Sequence[LocalShard],
                        device: torch.device | str | None = None) -> list[list[torch.Tensor]]:
     """Each source's slices ``[start:end]`` matching ``shards``: ``sources[k][i]`` for shard ``i``.
 
-    Each tensor is read once per source, sliced and cloned, so the full tensor
-    is freed at once and a rank keeps only its share of every source. Slices
+    Only the slice is read (``Checkpoint.read_slice``: by byte range from
+    safetensors, by the overlapping chunks from DCP, through mmap from torch
+    files), so the bytes a rank reads fall as ``1/world``; formats that cannot
+    seek read the whole tensor once and keep the slice. Slices
     keep the checkpoint's dtype (as whole-tensor merges do), so the fp32
     accumulation and the one rounding to the model's dtype are the same as in
     an unsharded merge: the merged values are bitwise equal. They are placed
@@ -285,12 +287,11 @@ def load_local_sources(series: CheckpointSeries, shards: Sequence[LocalShard],
             if s.end == s.start:
                 row.append(torch.empty(0, dtype=ck.tensors[s.name].dtype, device=dev))
                 continue
-            full = ck.read(s.name).reshape(-1)
-            if s.end > full.numel():
-                raise CheckpointError(f"{ck.path}: tensor {s.name!r} has {full.numel()} elements, "
+            numel = math.prod(ck.tensors[s.name].shape)
+            if s.end > numel:
+                raise CheckpointError(f"{ck.path}: tensor {s.name!r} has {numel} elements, "
                                       f"the model's shard needs [{s.start}, {s.end})")
-            row.append(full[s.start:s.end].to(dev, copy=True))
-            del full
+            row.append(ck.read_slice(s.name, s.start, s.end).to(dev))
         out.append(row)
     return out
 

@@ -17,9 +17,12 @@ An existing local path always wins over a hub reading of the same string. A
 :class:`Selector` then narrows the resolved list (explicit names, a step
 range, every n-th, the last n), always in training order.
 
-Formats recognised but not read yet (PyTorch DCP, Megatron, LitGPT, PEFT
-adapters, GGUF) are refused by name, with the conversion to run meanwhile
-(``unread.py``).
+Training frameworks' checkpoints (``formats/``: torchtitan and other DCP folders,
+Megatron ``torch_dist``, OLMo-core, LitGPT, nanoGPT), and folders of them, are
+resolved with each format's completion rule: an unfinished newest checkpoint of a
+folder is skipped with a warning, an unfinished one named explicitly is refused.
+Formats recognised but not read (PEFT adapters, GGUF, legacy Megatron) are
+refused by name, with what to do instead (``unread.py``).
 
 Pure: nothing here knows about ranks, Lightning or Hydra.
 """
@@ -35,6 +38,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from . import formats
 from .checkpoints import Checkpoint, CheckpointError, is_checkpoint
 from .unread import unread_format
 
@@ -132,8 +136,42 @@ def _is_trainer_file(c: Path) -> bool:
     return c.name in _TRAINER_FILES or (c.name.startswith("rng_state") and c.suffix == ".pth")
 
 
+def _framework_checkpoints(p: Path) -> list[Path] | None:
+    """A training framework's checkpoint, or a folder of them (torchtitan's ``checkpoint/``, a Megatron
+    save folder, a LitGPT ``out_dir``), as checkpoint paths; None when ``p`` is neither.
+
+    Each format's completion rule decides whether a checkpoint is finished. One named explicitly
+    must be; in a folder series the newest may still be being written (a run in flight saves while
+    we read), so an unfinished one is skipped with a warning. An unfinished one older than a
+    finished one (a save that crashed) is skipped too, and said.
+    """
+    fmt = formats.find(p)
+    if fmt is not None:
+        if not fmt.complete(p):
+            raise CheckpointError(f"checkpoints.sources: {p} is a {fmt.name} checkpoint that is not complete (still "
+                                  "being written, or its save crashed): wait for it to finish, or give another")
+        return [p]
+    found = formats.find_series(p) if p.is_dir() else None
+    if found is None:
+        return None
+    fmt, kids = found
+    kids = sorted(kids, key=step_key)
+    done = [k for k in kids if fmt.complete(k)]
+    for k in kids:
+        if k not in done:
+            log.warning("%s: %s is a %s checkpoint that is not complete (%s): skipped", p, k.name, fmt.name,
+                        "the newest: still being written?" if k == kids[-1] else "a crashed save?")
+    if not done:
+        raise CheckpointError(f"checkpoints.sources: {p} holds {len(kids)} {fmt.name} checkpoints "
+                              f"({[k.name for k in kids][:5]}) but none is complete yet")
+    return done
+
+
 def _expand_local(p: Path) -> list[Path]:
     """One local source as checkpoint paths: itself, its checkpoint children, or a refusal naming it."""
+    framework = _framework_checkpoints(p)
+    if framework is not None:
+        return framework
     if p.is_dir():
         if is_checkpoint(p):
             kids = _checkpoint_dirs(p)

@@ -70,10 +70,8 @@ def _nested_state_dicts(obj: dict, path: tuple = (), depth: int = 2) -> list[tup
 def _training_state_hint(file: Path, keys: list) -> str:
     """Name the training framework a training-state file comes from, when its keys say so."""
     if {"model_args", "iter_num"} <= set(keys):
-        return (" It looks like a nanoGPT ckpt.pt (model_args, iter_num), which lightning_merge does not read "
-                "yet: its 'model' has nanoGPT's names, and its attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj "
-                "weights are transposed relative to transformers' GPT-2 (nanoGPT's from_pretrained transposes "
-                "them), so an HF GPT-2 folder made from it must transpose them back.")
+        return (" It looks like a nanoGPT ckpt.pt (model_args, iter_num), which lightning_merge reads as such "
+                "when the file ends in .pt (formats/nanogpt.py): give it as a .pt file, or its out_dir folder.")
     if "module" in keys and "global_steps" in keys:
         return " It looks like a DeepSpeed model-states file: give its training folder (with `latest`) instead."
     return ""
