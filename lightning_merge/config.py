@@ -93,7 +93,9 @@ class CheckpointsConf:
     (a Lightning ``.ckpt``); ``tokenizer_dir`` gives the tokenizer alone (a
     tokenizer-only folder, when the checkpoints carry ``config.json`` but no
     tokenizer); ``strip_prefix`` forces the wrapper prefix to strip from
-    ``.ckpt``/ZeRO keys (null: detect ``module.``/``model.``/...).
+    ``.ckpt``/ZeRO keys (null: detect ``module.``/``model.``/...). ``name_map``
+    (``package.module:function``) maps a training framework's tensor names to
+    the HF model's when no built-in map knows its layout (``formats/``).
     """
 
     sources: list[str] = field(default_factory=list)
@@ -105,6 +107,7 @@ class CheckpointsConf:
     tokenizer_dir: Optional[str] = None
     strip_prefix: Optional[str] = None
     hub_cache: Optional[str] = None
+    name_map: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(self.last is None or self.last >= 1, "checkpoints.last",
@@ -386,6 +389,12 @@ class MergeConf:
     ``normalize``: divide the weights by their sum (true), or use them as given
     (false). Left unset (null), weights are used as given, and weights that do
     not sum to 1 are warned about with the factor they scale the model by.
+    ``format``: ``hf`` (an HF folder in ``out``, the default), ``source`` (the
+    sources' own framework format, in ``<run>/merged_<format>``, e.g.
+    ``merged_torchtitan``: training resumes or anneals from it) or ``both``.
+    ``optimizer`` (own format only): ``none`` (model only), ``newest`` (the
+    newest source's optimizer state) or ``average`` (averaged with the merge
+    weights); see ``lightning_merge/write_source.py``.
     """
 
     weights: Optional[list[float]] = None
@@ -396,10 +405,16 @@ class MergeConf:
     out: str = "merged"
     dtype: Optional[str] = None
     max_shard_bytes: int = 5 * 1024**3
+    format: str = "hf"
+    optimizer: str = "none"
 
     def __post_init__(self) -> None:
         _require(self.nonfloat in ("equal", "newest"), "merge.nonfloat",
                  f"got {self.nonfloat!r}; use equal or newest")
+        _require(self.format in ("hf", "source", "both"), "merge.format",
+                 f"got {self.format!r}; use hf, source or both")
+        _require(self.optimizer in ("none", "newest", "average"), "merge.optimizer",
+                 f"got {self.optimizer!r}; use none, newest or average")
         _require(self.dtype in (None, "float32", "bfloat16", "float16"), "merge.dtype",
                  f"got {self.dtype!r}; use null (keep), float32, bfloat16 or float16")
         _require(self.max_shard_bytes >= 1 << 20, "merge.max_shard_bytes", "must be at least 1 MiB")

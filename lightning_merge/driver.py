@@ -121,7 +121,8 @@ def _open_series(cfg: RunConfig) -> CheckpointSeries:
             f"({[p.name for p in paths][:8]}{' ...' if len(paths) > 8 else ''}). Give one weight per kept "
             f"checkpoint, oldest first, or change the selection"
             + (f" (e.g. checkpoints.last={len(weights)})" if len(weights) <= len(paths) and c.last else ""))
-    series = CheckpointSeries.from_paths(kept, strip_prefix=c.strip_prefix, config_dir=c.config_dir)
+    series = CheckpointSeries.from_paths(kept, strip_prefix=c.strip_prefix, config_dir=c.config_dir,
+                                         name_map=c.name_map)
     if c.tokenizer_dir:
         from .model import tokenizer_dir
 
@@ -226,6 +227,9 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
     with stages("open checkpoints"):
         series = _open_series(cfg)
         _check_model(cfg, series)
+        if cfg.merge.format != "hf" and cfg.merge.write and series.source_format is None:
+            raise ConfigError("config option `merge.format`: `source` writes the sources' own training-framework "
+                              "format, but these sources are Hugging Face-family checkpoints; use merge.format=hf")
     log.info("sources (oldest first): %s", ", ".join(str(p) for p in series.paths))
 
     if cfg.mode == "merge":
@@ -233,11 +237,12 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
             on_accepted()
         with stages("write merged model"):
             card = report.model_card(series, {"weights": list(cfg.merge.weights)}, [], cfg)
-            merged = _write(cfg, series, cfg.merge.weights, out, metric={}, card=card)
+            merged, own = _write(cfg, series, cfg.merge.weights, out, metric={}, card=card)
         results = report.results_dict(series, best={"weights": list(cfg.merge.weights)},
-                                      candidates=[], trials=0, merged_dir=merged, stages=stages.seconds)
+                                      candidates=[], trials=0, merged_dir=merged or own, stages=stages.seconds)
+        results["merged_source_dir"] = str(own.resolve()) if own else None
         report.write_results(out, results)
-        log.info("merged model written to %s", merged)
+        log.info("merged model written to %s", merged or own)
         return results
 
 
@@ -402,17 +407,18 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
                 **full_eval(best_rec["weights"])}
     candidates.append({"name": "best merge", "kind": "search", **best})
 
-    merged = None
+    merged = own = None
     last = [c for c in candidates if c["kind"] == "checkpoint"][-1]
     if zero and cfg.merge.write:
         with stages("write merged model"):
             metric = {"heldout_loss": best["heldout_loss"], "last_checkpoint_loss": last["heldout_loss"]}
             card = report.model_card(series, best, candidates, cfg)
-            merged = _write(cfg, series, best["weights"], out, metric=metric, card=card)
+            merged, own = _write(cfg, series, best["weights"], out, metric=metric, card=card)
     stages.seconds["total"] = time.perf_counter() - t_start
     results = report.results_dict(series, best=best, candidates=candidates,
                                   trials=len(ledger.search_trials()) if ledger else 0,
-                                  merged_dir=merged, stages=stages.seconds)
+                                  merged_dir=merged or own, stages=stages.seconds)
+    results["merged_source_dir"] = str(own.resolve()) if own else None
     results["stop_reason"] = reason
     if zero:
         results["per_trial"] = _per_trial(ledger, loop.report_seconds / max(loop.trials_run, 1))
@@ -437,11 +443,25 @@ def _per_trial(ledger, report_s: float) -> dict:
 
 
 def _write(cfg: RunConfig, series: CheckpointSeries, weights, out: Path, metric: dict,
-           card: str | None = None) -> Path:
-    dtype = getattr(torch, cfg.merge.dtype) if cfg.merge.dtype else None
-    target = Path(cfg.merge.out)
-    target = target if target.is_absolute() else out / target
-    extra = {"README.md": card} if card else None
-    return write_merged(series, list(weights), target, dtype=dtype, max_shard_bytes=cfg.merge.max_shard_bytes,
-                        normalize=cfg.merge.normalize, nonfloat=cfg.merge.nonfloat, metadata=metric,
-                        extra_files=extra)
+           card: str | None = None) -> tuple[Path | None, Path | None]:
+    """Write the merge as ``merge.format`` says: the HF folder and/or the sources' own format."""
+    hf = own = None
+    if cfg.merge.format in ("source", "both"):
+        from .write_source import write_source
+
+        fmt = series.source_format  # refuses mixed formats; None for HF-family sources
+        if fmt is None:
+            raise ConfigError("config option `merge.format`: `source` writes the sources' own training-framework "
+                              "format, but these sources are Hugging Face-family checkpoints; use merge.format=hf")
+        own = write_source(series, list(weights), out / f"merged_{fmt.name}", optimizer=cfg.merge.optimizer,
+                           normalize=cfg.merge.normalize, nonfloat=cfg.merge.nonfloat, metadata=metric)
+        log.info("merged %s checkpoint written to %s", fmt.name, own)
+    if cfg.merge.format in ("hf", "both"):
+        dtype = getattr(torch, cfg.merge.dtype) if cfg.merge.dtype else None
+        target = Path(cfg.merge.out)
+        target = target if target.is_absolute() else out / target
+        extra = {"README.md": card} if card else None
+        hf = write_merged(series, list(weights), target, dtype=dtype, max_shard_bytes=cfg.merge.max_shard_bytes,
+                          normalize=cfg.merge.normalize, nonfloat=cfg.merge.nonfloat, metadata=metric,
+                          extra_files=extra)
+    return hf, own

@@ -42,6 +42,20 @@ STRATEGY = {
     "pythia_160m": ("ddp", "gpu", 8, "32-true", "float32"),
     "pythia_410m": ("ddp", "gpu", 8, "32-true", "float32"),
     "pythia_2.8b": ("ddp", "gpu", 8, "16-true", "float16"),
+    "torchtitan_llama3": ("deepspeed_stage_3", "gpu", 8, "bf16-true", "bfloat16"),
+    "megatron_gpt": ("deepspeed_stage_3", "gpu", 8, "bf16-true", "bfloat16"),
+    "olmo_core": ("deepspeed_stage_3", "gpu", 8, "bf16-true", "bfloat16"),
+    "litgpt": ("ddp", "gpu", 8, "bf16-true", "bfloat16"),
+    "nanogpt": ("ddp", "gpu", 8, "32-true", "float32"),
+}
+#: The training frameworks' overlays: name -> (env var of the run's checkpoint folder, the HF folder's env
+#: var (config_dir, or tokenizer_dir for nanoGPT) or None when the run carries its own config).
+FRAMEWORKS = {
+    "torchtitan_llama3": ("TORCHTITAN_CKPT_DIR", "HF_ASSETS"),
+    "megatron_gpt": ("MEGATRON_SAVE_DIR", "HF_ASSETS"),
+    "olmo_core": ("OLMO_SAVE_FOLDER", "OLMO_HF"),
+    "litgpt": ("LITGPT_OUT_DIR", None),
+    "nanogpt": ("NANOGPT_CKPTS", "GPT2_TOKENIZER"),
 }
 
 
@@ -114,6 +128,24 @@ def test_deepseek_template_points_at_a_local_folder(monkeypatch, tmp_path):
     assert parse_hub_source(cfg.checkpoints.sources[0]) is None  # a path, not a hub spec
     monkeypatch.setenv("DEEPSEEK_CKPT_DIR", str(tmp_path))
     assert _compose("+experiment=deepseek").checkpoints.sources == [str(tmp_path)]
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_framework_overlays_read_the_run_folder_and_write_both_formats(name, monkeypatch, tmp_path):
+    env, hf = FRAMEWORKS[name]
+    monkeypatch.setenv(env, str(tmp_path / "run"))
+    monkeypatch.setenv("HELDOUT", str(tmp_path / "heldout.jsonl"))
+    if hf:
+        monkeypatch.setenv(hf, str(tmp_path / "hf"))
+    cfg = _compose(f"+experiment={name}")
+    assert cfg.checkpoints.sources == [str(tmp_path / "run")] and cfg.checkpoints.last == 2
+    assert cfg.merge.format == "both" and cfg.merge.optimizer == "none"
+    assert cfg.data.heldout.path == str(tmp_path / "heldout.jsonl")
+    folder = cfg.checkpoints.tokenizer_dir if name == "nanogpt" else cfg.checkpoints.config_dir
+    assert folder == (str(tmp_path / "hf") if hf else None)
+    if name in ("megatron_gpt", "olmo_core"):  # these runs carry their config: the HF folder is optional
+        monkeypatch.delenv(hf)
+        assert _compose(f"+experiment={name}").checkpoints.config_dir is None
 
 
 def test_command_line_wins_over_the_experiment():
