@@ -479,3 +479,24 @@ def test_series_mixing_layouts_whose_mapped_names_disagree_is_refused(lit_runs):
     msg = str(e.value)
     assert str(llama) in msg and str(neox) in msg and "tensor names differ" in msg
     assert "litgpt-llama" in msg and "litgpt-gpt-neox" in msg
+
+
+def test_torch_file_writer_parks_merged_tensors_in_file_backed_pages(nano, tmp_path, monkeypatch):
+    """With every tensor over the spill size, the merged ckpt.pt is still exact, ties stay tied, and the
+    scratch mappings are gone afterwards."""
+    import lightning_merge.formats.torchfile as tf
+
+    monkeypatch.setattr(tf, "_SPILL_BYTES", 0)
+    folders = _nano_run(nano, tmp_path / "runs", bias=True, compiled=False)
+    fmt = find(folders[0])
+    natives = [open_mapped(f, fmt).native for f in folders]
+    tpl = natives[-1]
+    out = tmp_path / "out"
+    fmt.write(out, tpl, lambda n: _merge([k.read(n) for k in natives]), list(tpl.tensors))
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]  # no scratch or temp file left
+    back = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert back["lm_head.weight"].data_ptr() == back["transformer.wte.weight"].data_ptr()
+    srcs = [torch.load(f / "ckpt.pt", weights_only=True)["model"] for f in folders]
+    for n, t in back.items():
+        assert torch.equal(t, _merge([s[n] for s in srcs]) if n in tpl.tensors or n == "lm_head.weight"
+                           else srcs[-1][n]), n

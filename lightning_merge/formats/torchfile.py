@@ -13,7 +13,11 @@ state) is an "other", named by its key path joined with dots
 (``optimizer.state.0.exp_avg``). A model entry that shares its storage with an
 earlier one (a tied ``lm_head.weight``) is an alias: not listed, written back
 as the same tensor. :func:`write_like` rebuilds the template's dict with each
-tensor replaced, and saves it with ``torch.save``.
+tensor replaced, and saves it with ``torch.save``. ``torch.save`` pickles the
+whole dict at once, so the merged tensors cannot stream out one by one as in
+the safetensors and DCP writers; each is parked, as it is made, in a
+file-backed shared mapping beside the output (pages the kernel can write out
+and drop), so the writer does not need anonymous memory the size of the model.
 
 Pure: nothing here knows about ranks, Lightning or Hydra.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -36,6 +41,7 @@ __all__ = ["TorchFileCheckpoint", "load_dict", "write_like"]
 log = logging.getLogger(__name__)
 
 KeyPath = tuple[Any, ...]
+_SPILL_BYTES = 1 << 20  # merged tensors from this size on wait for torch.save in file-backed pages
 
 
 def load_dict(file: Path) -> dict:
@@ -156,6 +162,9 @@ def write_like(out_file: Path, template: TorchFileCheckpoint, produce: Callable[
     if unknown:
         raise CheckpointError(f"{template.file}: asked to write tensors it does not hold: {unknown[:5]}")
     made: dict[str, torch.Tensor] = {}
+    out_file = Path(out_file)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    scratch = out_file.with_name(f".{out_file.name}.scratch")
 
     def value_of(path: KeyPath, t: torch.Tensor) -> torch.Tensor:
         name = template.paths.get(path)
@@ -164,17 +173,25 @@ def write_like(out_file: Path, template: TorchFileCheckpoint, produce: Callable[
         name = template.aliases.get(name, name)
         if name in made:
             return made[name]
-        v = produce(name) if name in wanted else t
+        if name not in wanted:
+            made[name] = t
+            return t
+        v = produce(name)
+        if v.numel() * v.element_size() >= _SPILL_BYTES:
+            # torch.save needs every tensor at once: park each merged one in a file-backed mapping, whose
+            # pages the kernel can write out and drop, instead of anonymous memory the size of the model
+            scratch.mkdir(exist_ok=True)
+            m = torch.from_file(str(scratch / f"{len(made)}.bin"), shared=True, size=v.numel(), dtype=v.dtype)
+            v = m.view(v.shape).copy_(v)
         made[name] = v
         return v
 
-    new = _rebuild(template.obj, (), value_of)
-    out_file = Path(out_file)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
     try:
+        new = _rebuild(template.obj, (), value_of)
         torch.save(new, tmp)
         os.replace(tmp, out_file)
     finally:
         if tmp.exists():
             tmp.unlink()
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("wrote %s (%d tensors merged)", out_file, len(wanted))
