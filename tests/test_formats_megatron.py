@@ -397,7 +397,8 @@ def test_unknown_layout_and_mismatched_config_refused(run, tmp_path):
 @pytest.mark.slow
 def test_cli_on_the_save_folder_writes_hf_and_megatron(run, tmp_path):
     """``python -m lightning_merge 'checkpoints.sources=[<save>]' merge.format=both``: the HF config comes
-    from the run's args, the tokenizer from the save folder; both outputs hold the same merge."""
+    from the run's args, the tokenizer from the save folder; both outputs hold the search's best merge, and
+    Megatron loads the own-format one."""
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -405,24 +406,34 @@ def test_cli_on_the_save_folder_writes_hf_and_megatron(run, tmp_path):
 
     save = tmp_path / "save"
     shutil.copytree(run["save"], save)
-    # Megatron-LM's --save-tokenizer-assets writes iter_N/tokenizer/; the tool looks beside the checkpoint
-    # and in its parent (the save folder), so the tokenizer goes there.
-    make_tokenizer().save_pretrained(save)
+    # Megatron-LM's --save-tokenizer-assets writes iter_N/tokenizer/: the tool finds it there
+    make_tokenizer().save_pretrained(save / run["iters"][-1].name / "tokenizer")
     text = tmp_path / "heldout.txt"
     text.write_text("".join(CORPUS))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", LIGHTNING_MERGE_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "lightning_merge", f"checkpoints.sources=[{save}]", "mode=merge",
-                        "checkpoints.last=3", f"merge.weights=[{','.join(map(str, W))}]", "merge.format=both",
+    r = subprocess.run([sys.executable, "-m", "lightning_merge", f"checkpoints.sources=[{save}]",
+                        "checkpoints.last=3", "search.trials=2", "merge.format=both",
                         f"data.heldout.path={text}", "data.heldout.num_blocks=4", "data.heldout.block_size=16",
                         "data.search_blocks=2", f"output_dir={tmp_path / 'out'}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    w = res["best"]["weights"]  # the search's best merge, written in both formats
+    assert len(w) == 3 and Path(res["merged_source_dir"]).name == "merged_megatron"
     natives = [FORMAT.open(p) for p in run["iters"]]
     mine = FORMAT.open(tmp_path / "out" / "merged_megatron" / run["iters"][-1].name)
     for n in natives[-1].tensors:
-        assert torch.equal(mine.read(n), wsum([k.read(n) for k in natives], W)), n
+        torch.testing.assert_close(mine.read(n), wsum([k.read(n) for k in natives], w), rtol=0, atol=1e-6, msg=n)
     assert (tmp_path / "out" / "merged_megatron" / TRACKER).read_text() == str(ITERS[-1])
+    # Megatron's own loader takes it into the TP=2 model: each rank's shards are the merge of its shards
+    run_worker({"mode": "load", "dir": str(tmp_path / "out" / "merged_megatron"), "out": str(tmp_path)},
+               tmp_path / "w_load")
+    for rank in range(TP):
+        got = torch.load(tmp_path / f"rank{rank}_loaded.pt", weights_only=False)
+        srcs = [run["local"][it][rank] for it in ITERS]
+        for name, t in got["tensors"].items():
+            torch.testing.assert_close(t, wsum([s_[name] for s_ in srcs], w), rtol=0, atol=1e-6, msg=name)
     hf_dir = tmp_path / "out" / "merged"
     cfg = json.loads((hf_dir / "config.json").read_text())
     hf = LlamaForCausalLM(LlamaConfig(**cfg))

@@ -330,14 +330,17 @@ def test_cli_merges_the_run_and_olmo_core_resumes_from_it(runs, tmp_path):
     held = tmp_path / "heldout.txt"
     held.write_text("".join(CORPUS) * 4)
     env = {**_env(), "LIGHTNING_MERGE_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "lightning_merge", f"checkpoints.sources=[{save}]", "mode=merge",
-                        "checkpoints.last=3", f"merge.weights=[{','.join(map(str, W))}]", "merge.format=both",
+    r = subprocess.run([sys.executable, "-m", "lightning_merge", f"checkpoints.sources=[{save}]",
+                        "checkpoints.last=3", "search.trials=2", "merge.format=both",
                         "merge.optimizer=average", f"data.heldout.path={held}", "data.heldout.num_blocks=4",
                         "data.heldout.block_size=16", "data.search_blocks=2", f"output_dir={tmp_path / 'run'}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     out = tmp_path / "run" / "merged_olmo_core"
     assert (out / "merge.yaml").is_file() and (out / "model_and_optim" / ".metadata").is_file()
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    w = res["best"]["weights"]  # the search's best merge, written in both formats
+    assert len(w) == 3 and Path(res["merged_source_dir"]) == out
     fmt = find(run["steps"][0])
     natives = [fmt.open(s) for s in run["steps"]]
     _spawn(tmp_path / "load", {"load": str(out)}, 2)
@@ -345,10 +348,12 @@ def test_cli_merges_the_run_and_olmo_core_resumes_from_it(runs, tmp_path):
     assert loaded["trainer"]["global_step"] == 3
     assert sorted(loaded["model"]) == sorted(natives[-1].tensors)
     for n, t in loaded["model"].items():
-        assert torch.equal(t, _merge([k.read(n) for k in natives])), n
+        torch.testing.assert_close(t, _merge([k.read(n) for k in natives], w), rtol=0, atol=1e-6, msg=n)
     for n in natives[-1].tensors:
-        want = _merge([k.read(f"optim.state.{n}.exp_avg") for k in natives])
-        assert torch.equal(loaded["optim"][f"state.{n}.exp_avg"], want), n
+        want = _merge([k.read(f"optim.state.{n}.exp_avg") for k in natives], w)
+        torch.testing.assert_close(loaded["optim"][f"state.{n}.exp_avg"], want, rtol=0, atol=1e-6, msg=n)
+        # AdamW's step is a float 0-d tensor: a counter, the newest's, not averaged
+        assert torch.equal(loaded["optim"][f"state.{n}.step"], natives[-1].read(f"optim.state.{n}.step")), n
     # the merged HF folder is the map of the merged step folder, and computes what OLMo-core computes
     import transformers
 
