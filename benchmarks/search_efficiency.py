@@ -82,7 +82,7 @@ class Objective:
         import torch
         from transformers import AutoTokenizer
 
-        from lightning_merge.checkpoints import CheckpointSeries
+        from lightning_merge.series import CheckpointSeries
         from lightning_merge.config import CheckpointsConf, DemoConf, RunConfig
         from lightning_merge.data import evenly_spaced, load_blocks
         from lightning_merge.driver import (

@@ -83,7 +83,8 @@ def worker(spec_file: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lightning_merge.checkpoints import Checkpoint, CheckpointSeries
+    from lightning_merge.checkpoints import Checkpoint
+    from lightning_merge.series import CheckpointSeries
     from lightning_merge.sharding import ShardMerger
 
     spec = json.loads(Path(spec_file).read_text())

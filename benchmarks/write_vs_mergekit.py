@@ -171,7 +171,7 @@ def _child_ours(spec: str) -> None:
     """Subprocess body: one ``write_merged`` call and nothing else."""
     a = json.loads(spec)
     sys.path.insert(0, str(REPO))
-    from lightning_merge.checkpoints import CheckpointSeries
+    from lightning_merge.series import CheckpointSeries
     from lightning_merge.merge import write_merged
 
     write_merged(CheckpointSeries.from_sources(a["paths"]), a["weights"], a["out"],

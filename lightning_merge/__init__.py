@@ -3,7 +3,7 @@
 Implements and extends Liu et al., "Checkpoint Merging via Bayesian
 Optimization in LLM Pretraining" (arXiv 2403.19390). The public API:
 
-- :class:`lightning_merge.checkpoints.CheckpointSeries` (``from_sources``)
+- :class:`lightning_merge.series.CheckpointSeries` (``from_sources``)
 - :func:`lightning_merge.merge.merge_into` and :func:`lightning_merge.merge.write_merged`
 """
 

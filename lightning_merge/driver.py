@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checkpoints import CheckpointError, CheckpointSeries
+from .checkpoints import CheckpointError
+from .series import CheckpointSeries
 from .config import ConfigError, RunConfig
 from .data import evenly_spaced, load_blocks
 from .merge import weight_sum_warning, write_merged

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .checkpoints import CheckpointSeries
+from .series import CheckpointSeries
 from .io import atomic_write_text, publishing_dir
 
 __all__ = ["MergeError", "check_weights", "merge_into", "weight_sum_warning", "write_merged"]

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import TOKENIZER_FILES, CheckpointError, CheckpointSeries, has_tokenizer
+from .checkpoints import TOKENIZER_FILES, CheckpointError, has_tokenizer
+from .series import CheckpointSeries
 
 __all__ = ["build_model", "expected_tensors", "check_covers", "max_positions", "check_block_size",
            "tokenizer_dir", "load_tokenizer"]

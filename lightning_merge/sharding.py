@@ -45,7 +45,8 @@ from typing import Sequence
 
 import torch
 
-from .checkpoints import CheckpointError, CheckpointSeries
+from .checkpoints import CheckpointError
+from .series import CheckpointSeries
 from .merge import merge_into
 
 __all__ = ["KINDS", "ShardingError", "LocalShard", "zero3_partition", "local_shards", "load_local_sources",

@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .checkpoints import CheckpointSeries
+from .series import CheckpointSeries
 from .errors import CheckpointError
 from .io import atomic_write_text, publishing_dir
 from .merge import MergeError, check_weights, merge_into

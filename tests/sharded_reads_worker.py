@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from lightning_merge.checkpoints import CheckpointSeries  # noqa: E402
+from lightning_merge.series import CheckpointSeries  # noqa: E402
 from lightning_merge.sharding import ShardMerger  # noqa: E402
 
 

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import make_llama
-from lightning_merge.checkpoints import Checkpoint, CheckpointError, CheckpointSeries
+from lightning_merge.checkpoints import Checkpoint, CheckpointError
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.sources import Selector, resolve_sources, step_of
 
 

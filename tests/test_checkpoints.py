@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_merge.checkpoints import CheckpointError, CheckpointSeries
+from lightning_merge.checkpoints import CheckpointError
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.sources import Selector, resolve_sources
 
 

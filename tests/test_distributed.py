@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from lightning_merge.checkpoints import CheckpointSeries
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.merge import write_merged
 
 pytestmark = pytest.mark.distributed

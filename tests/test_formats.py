@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_llama
-from lightning_merge.checkpoints import Checkpoint, CheckpointError, CheckpointSeries
+from lightning_merge.checkpoints import Checkpoint, CheckpointError
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.merge import MergeError, write_merged
 
 HERE = Path(__file__).parent

@@ -365,7 +365,7 @@ def test_torchtitan_resumes_from_a_merge_with_the_newest_training_state(runs, tm
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 
-    from lightning_merge.checkpoints import CheckpointSeries
+    from lightning_merge.series import CheckpointSeries
     from lightning_merge.write_source import write_source
 
     series = CheckpointSeries.from_sources([runs["root"] / "new" / "checkpoint"], last=3, config_dir=runs["hf"])

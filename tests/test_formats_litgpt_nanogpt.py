@@ -471,7 +471,7 @@ def test_nanogpt_detect_reads_the_pickle_only(nano, tmp_path):
 def test_series_mixing_layouts_whose_mapped_names_disagree_is_refused(lit_runs):
     """A Llama-style and a GPT-NeoX-style LitGPT step in one series: refused from the manifests, naming
     both checkpoints and their layouts, before any tensor is read."""
-    from lightning_merge.checkpoints import CheckpointSeries
+    from lightning_merge.series import CheckpointSeries
 
     llama, neox = lit_runs["llama"][-1], lit_runs["neox"][-1]
     with pytest.raises(CheckpointError) as e:

@@ -99,7 +99,7 @@ def run_case(case: str, root: Path, accelerator: str = "gpu", progress=None) -> 
 
     ``progress(partial)`` is called after each evaluation, so a crash later still tells how far it got.
     """
-    from lightning_merge.checkpoints import CheckpointSeries
+    from lightning_merge.series import CheckpointSeries
     from lightning_merge.config import StrategyConf
     from lightning_merge.evaluate import Evaluator
     from lightning_merge.sharding import ShardMerger

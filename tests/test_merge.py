@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_merge.checkpoints import CheckpointSeries
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.merge import MergeError, merge_into, write_merged
 
 

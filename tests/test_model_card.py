@@ -20,7 +20,7 @@ import pytest
 from conftest import make_llama
 
 from lightning_merge import report
-from lightning_merge.checkpoints import CheckpointSeries
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.config import RunConfig
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_merge.checkpoints import CheckpointSeries
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.merge import merge_into
 
 WORKER = Path(__file__).with_name("sharded_reads_worker.py")

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_merge.checkpoints import CheckpointSeries
+from lightning_merge.series import CheckpointSeries
 from lightning_merge.merge import merge_into, write_merged
 from lightning_merge.sharding import LocalShard, ShardingError, ShardMerger, local_shards, zero3_partition
 

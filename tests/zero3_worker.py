@@ -44,7 +44,7 @@ deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCo
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from lightning_merge.checkpoints import CheckpointSeries  # noqa: E402
+from lightning_merge.series import CheckpointSeries  # noqa: E402
 from lightning_merge.sharding import ShardMerger, local_shards  # noqa: E402
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
