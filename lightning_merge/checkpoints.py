@@ -387,3 +387,13 @@ def _derived_config_dir(hf_config: dict, path: Path) -> Path:
 
 
 _TOKENIZER_EXTRAS = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+def __getattr__(name: str):
+    """``lightning_merge.checkpoints.CheckpointSeries``, the documented public entry point, now lives in
+    ``series.py`` (which builds on this module): resolved on first access, so no import runs back up."""
+    if name == "CheckpointSeries":
+        from .series import CheckpointSeries
+
+        return CheckpointSeries
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
