@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from .report import _gain, _w, command_line
+from .formatting import _gain, _w, command_line
 
 __all__ = ["model_card", "merging_verdict", "trainer_lr", "DECAYED", "WIDE_MARGIN_PERCENT"]
 
@@ -148,7 +148,7 @@ def model_card(series, best: dict, candidates: list[dict], cfg, command: str | N
     """The merged model's README.md: sources, weights, metric, gains (or that none was measured), and the command.
 
     ``best`` without ``heldout_loss`` is a ``mode=merge`` merge: the weights were
-    given, nothing was evaluated. ``command`` defaults to :func:`report.command_line`.
+    given, nothing was evaluated. ``command`` defaults to :func:`formatting.command_line`.
     """
     command = command if command is not None else command_line()
     if "heldout_loss" not in best:

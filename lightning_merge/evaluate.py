@@ -28,15 +28,16 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
 from .config import StrategyConf
+from .sampling import ShardSampler
 
 __all__ = ["EvalResult", "TokenNLL", "ShardSampler", "CausalLMEval", "Evaluator"]
 
@@ -98,33 +99,6 @@ class _Blocks(Dataset):
         if i < n:
             return self.blocks[i], torch.tensor(1, dtype=torch.int64)
         return self.blocks[0], torch.tensor(0, dtype=torch.int64)
-
-
-class ShardSampler(Sampler[int]):
-    """Gives every block to exactly one rank; pads ranks with masked indices to equal length.
-
-    The rank and world size are read when iteration starts, from
-    ``torch.distributed`` if it is initialised, so one sampler serves a
-    ``Trainer`` whose process group appears only inside ``validate``.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
-    def __iter__(self) -> Iterator[int]:
-        rank, world = self._rank_world()
-        per_rank = -(-self.n // world)
-        return iter(range(rank, per_rank * world, world))
-
-    def __len__(self) -> int:
-        _, world = self._rank_world()
-        return -(-self.n // world)
 
 
 class CausalLMEval(L.LightningModule):

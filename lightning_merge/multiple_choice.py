@@ -34,7 +34,7 @@ from torchmetrics import Metric
 
 from .config import MCSetConf  # noqa: F401  (re-exported: the schema lives with the others)
 from .data import DataError
-from .evaluate import ShardSampler
+from .sampling import ShardSampler
 
 __all__ = ["MCSetConf", "MCItem", "MCData", "MCAccuracy", "MultipleChoiceEval", "detect_schema",
            "load_items", "format_prompt", "fewshot_for", "build_mc_tensors", "load_mc", "evaluate_mc"]

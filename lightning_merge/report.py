@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .formatting import _gain, _w, command_line  # noqa: F401  (command_line: part of this module's API)
 from .io import atomic_write_json, atomic_write_text
 
 __all__ = ["results_dict", "write_results", "write_report", "LiveReport", "print_summary", "model_card",
            "trial_progress", "live_logging"]
 
 log = logging.getLogger(__name__)
-
-
-def _gain(loss: float, ref: float) -> float:
-    """Relative improvement over ``ref`` in percent (positive is better)."""
-    return 100.0 * (ref - loss) / ref
 
 
 def results_dict(series, best: dict, candidates: list[dict], trials: int, merged_dir, stages: dict) -> dict:
@@ -47,32 +41,6 @@ def results_dict(series, best: dict, candidates: list[dict], trials: int, merged
 
 def write_results(out: Path, results: dict) -> Path:
     return atomic_write_json(Path(out) / "results.json", results)
-
-
-def command_line() -> str:
-    """The command that made this run, as typed: the program and its overrides, shell-quoted.
-
-    The program is ``lightning-merge`` for the console script, else ``python -m
-    lightning_merge``; the overrides are ``sys.argv`` as given. One point of a
-    sweep (``-m``) is given as the single run it is: its own overrides (Hydra's
-    ``overrides.task``, not the sweep's comma lists) and its folder as ``output_dir``.
-    Called from Python (``driver.run``, no Hydra job), ``sys.argv`` is another
-    program's, and the line says so instead of inventing a command.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    script = Path(sys.argv[0]).name == "lightning-merge"
-    prog = "lightning-merge" if script else "python -m lightning_merge"
-    args = sys.argv[1:]
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        hc = HydraConfig.get()
-        args = [o for o in hc.overrides.task if not o.startswith("output_dir=")]
-        args.append(f"output_dir={hc.runtime.output_dir}")
-    elif not (HydraConfig.initialized() or script
-              or Path(sys.argv[0]).resolve() == Path(__file__).with_name("__main__.py").resolve()):
-        return "(not run from the command line: lightning_merge.driver.run was called from Python)"
-    return " ".join([prog, *(shlex.quote(a) for a in args)])
 
 
 def _objective_label(objective: str) -> str:
@@ -140,10 +108,6 @@ class LiveReport:
     def finish(self, results: dict) -> None:
         self._plots(results, force=True)
         write_report(self.out, results, self.ledger.ordered(), self.cfg, self.plots)
-
-
-def _w(weights: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{w:.3f}" for w in weights) + "]"
 
 
 def print_summary(results: dict, cfg, console=None) -> None:
