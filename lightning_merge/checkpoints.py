@@ -367,22 +367,32 @@ def _config_cache() -> Path:
 def _derived_config_dir(hf_config: dict, path: Path) -> Path:
     """A folder holding ``hf_config`` as config.json and the tokenizer files found beside the checkpoint
     (its folder or its ``tokenizer/``, else the run folder above it): what a framework's run carries, laid out as the HF
-    folder the model and tokenizer are loaded from. Content-addressed, so every rank finds the same."""
+    folder the model and tokenizer are loaded from. Keyed on the config and the tokenizer files (path, size,
+    mtime), so every rank finds the same and a changed tokenizer gets a new folder."""
     here = path if path.is_dir() else path.parent
     # beside the weights, in a tokenizer/ folder of the checkpoint (Megatron's --save-tokenizer-assets),
     # else in the run folder above it (LitGPT, nanoGPT)
     tok = next((d for d in (here, here / "tokenizer", here.parent) if has_tokenizer(d)), None)
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    key = hashlib.sha256((text + str(tok.resolve() if tok else "")).encode()).hexdigest()[:16]
-    out = _config_cache() / key
+    files = [f for f in (sorted(tok.iterdir()) if tok else [])
+             if f.is_file() and (f.name in TOKENIZER_FILES or f.name in _TOKENIZER_EXTRAS)]
+    stamp = "".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files)
+    out = _config_cache() / hashlib.sha256((text + stamp).encode()).hexdigest()[:16]
     if not (out / "config.json").is_file():
-        from .io import atomic_write_text
-
-        out.mkdir(parents=True, exist_ok=True)
-        for f in (sorted(tok.iterdir()) if tok else []):
-            if f.is_file() and (f.name in TOKENIZER_FILES or f.name in _TOKENIZER_EXTRAS):
-                shutil.copy2(f, out / f.name)
-        atomic_write_text(out / "config.json", text)  # last: its presence means the folder is whole
+        # built under a private name and renamed whole: ranks opening the same checkpoint at once never see
+        # a tokenizer file half copied by another
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(text)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process published it first: the same content
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (out / "config.json").is_file():
+                raise
     return out
 
 

@@ -228,7 +228,7 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
     with stages("open checkpoints"):
         series = _open_series(cfg)
         _check_model(cfg, series)
-        if cfg.merge.format != "hf" and cfg.merge.write and series.source_format is None:
+        if cfg.merge.format != "hf" and series.source_format is None:  # source_format refuses mixed formats
             raise ConfigError("config option `merge.format`: `source` writes the sources' own training-framework "
                               "format, but these sources are Hugging Face-family checkpoints; use merge.format=hf")
     log.info("sources (oldest first): %s", ", ".join(str(p) for p in series.paths))
@@ -450,10 +450,7 @@ def _write(cfg: RunConfig, series: CheckpointSeries, weights, out: Path, metric:
     if cfg.merge.format in ("source", "both"):
         from .write_source import write_source
 
-        fmt = series.source_format  # refuses mixed formats; None for HF-family sources
-        if fmt is None:
-            raise ConfigError("config option `merge.format`: `source` writes the sources' own training-framework "
-                              "format, but these sources are Hugging Face-family checkpoints; use merge.format=hf")
+        fmt = series.source_format  # checked when the series was opened (run)
         own = write_source(series, list(weights), out / f"merged_{fmt.name}", optimizer=cfg.merge.optimizer,
                            normalize=cfg.merge.normalize, nonfloat=cfg.merge.nonfloat, metadata=metric)
         log.info("merged %s checkpoint written to %s", fmt.name, own)

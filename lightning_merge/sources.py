@@ -176,7 +176,7 @@ def _expand_local(p: Path) -> list[Path]:
         if is_checkpoint(p):
             kids = _checkpoint_dirs(p)
             return _run_with_final_model(p, kids) if kids else [p]
-        what = unread_format(p, own_only=True)  # a PEFT or LitGPT folder holds files that look readable
+        what = unread_format(p)  # a PEFT folder holds files that look readable
         if what:
             raise CheckpointError(f"checkpoints.sources: {what}")
         kids = sorted((c for c in p.iterdir() if not c.name.startswith(".") and not _is_trainer_file(c)

@@ -17,10 +17,9 @@ from pathlib import Path
 __all__ = ["unread_format"]
 
 
-def unread_format(p: Path, own_only: bool = False) -> str | None:
+def unread_format(p: Path) -> str | None:
     """What ``p`` is when it is a checkpoint format recognised but not read, and what to do about it;
-    None when it is not recognised. (``own_only`` is kept for callers; no folder is recognised by its
-    children any more.)"""
+    None when it is not recognised."""
     if p.is_file():
         if p.suffix == ".distcp":
             return (f"{p}: one shard file of a PyTorch Distributed Checkpoint: give its folder {p.parent} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -99,3 +100,25 @@ def test_checkpoint_series_keeps_its_documented_import_path():
     from lightning_merge.series import CheckpointSeries as home
 
     assert documented is home and callable(documented.from_sources)
+
+
+def test_derived_config_folder_follows_the_tokenizer_and_is_published_whole(tmp_path, monkeypatch):
+    """A framework run's derived HF folder (config.json + the run's tokenizer files) is keyed on both: a
+    retrained tokenizer at the same path gets a new folder, never the stale copy; nothing half-built is left."""
+    import os
+
+    from lightning_merge.checkpoints import _derived_config_dir
+
+    monkeypatch.setenv("LIGHTNING_MERGE_CACHE", str(tmp_path / "cache"))
+    ck = tmp_path / "run" / "step-1"
+    ck.mkdir(parents=True)
+    (ck / "tokenizer.json").write_text('{"v": 1}')
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    a = _derived_config_dir(cfg, ck)
+    assert _derived_config_dir(cfg, ck) == a and (a / "tokenizer.json").read_text() == '{"v": 1}'
+    (ck / "tokenizer.json").write_text('{"v": 22}')
+    os.utime(ck / "tokenizer.json", ns=(1, 1))
+    b = _derived_config_dir(cfg, ck)
+    assert b != a and (b / "tokenizer.json").read_text() == '{"v": 22}'
+    assert json.loads((b / "config.json").read_text()) == cfg
+    assert not [p for p in (tmp_path / "cache" / "configs").iterdir() if p.name.endswith(".tmp")]

@@ -479,6 +479,12 @@ def test_unknown_layout_and_wrong_config_refused_before_reading(tmp_path, runs):
     (bad / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 4}))
     with pytest.raises(CheckpointError, match="k_proj.*is checkpoints.config_dir the config of this model"):
         open_mapped(runs["steps"]["new"][-1], FORMAT, config_dir=bad)
+    # a config that ties the head to the embeddings, for a run that trained a separate one: the head's
+    # values would silently drop out of the evaluated model, so it is refused, naming the tensor
+    (bad / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"leaves 1 of the checkpoint's model tensors unmapped "
+                                              r"\(\['lm_head\.weight'\]\).*tie_word_embeddings"):
+        open_mapped(runs["steps"]["new"][-1], FORMAT, config_dir=bad)
 
 
 @pytest.mark.distributed

@@ -458,6 +458,11 @@ def test_nanogpt_detect_reads_the_pickle_only(nano, tmp_path):
 
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "ckpt.pt")
     assert find(tmp_path) is None and find(tmp_path / "ckpt.pt") is None
+    # names that merely contain "model" and "model_args" are not nanoGPT's keys
+    torch.save({"model": torch.zeros(2), "x.model_args": torch.zeros(2)}, tmp_path / "plain.pt")
+    assert find(tmp_path / "plain.pt") is None
+    torch.save({"model": {"w": torch.zeros(2)}, "model_args": {"n_layer": 1}}, tmp_path / "p4.pt", pickle_protocol=4)
+    assert find(tmp_path / "p4.pt").name == "nanogpt"  # the keys found in either pickle protocol
     folders = _nano_run(nano, tmp_path / "run", True, False, steps=2)
     series = tmp_path / "series"
     series.mkdir()

@@ -115,5 +115,5 @@ def open_mapped(path: Path, fmt: Format, config_dir: Path | None = None, name_ma
                 "Give a map of your own: checkpoints.name_map=mypkg.maps:to_hf, a function of (native tensors, "
                 "HF config dict) returning {hf_name: native_name or lightning_merge.formats.Piece}")
         pieces, layout = chosen.build(native.tensors, cfg), chosen.name
-    check_map(Path(path), native.tensors, pieces, layout)
+    check_map(Path(path), native.tensors, pieces, layout, native.merged_only)
     return Opened(native=native, fmt=fmt, layout=layout, pieces=pieces)

@@ -69,6 +69,9 @@ class NativeCheckpoint:
         self.others = others or {}
         self.hf_config = hf_config  # an HF config.json derived from what the run carries, when it can be
         self.bytes_read = 0
+        #: model tensors merged and written back but not part of the HF model (Megatron's fp32 master
+        #: weights): the only ones a map may leave unmapped
+        self.merged_only: frozenset[str] = frozenset()
 
     def read(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
         """One whole tensor (model or other), in its saved dtype, on the CPU."""
@@ -174,8 +177,17 @@ def assemble_slice(ck: NativeCheckpoint, piece: Piece, start: int, end: int) -> 
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def check_map(path: Path, native: Mapping[str, NativeTensor], pieces: Mapping[str, Piece], layout: str) -> None:
-    """Refuse a map that reads past a native tensor or names one the checkpoint lacks."""
+def check_map(path: Path, native: Mapping[str, NativeTensor], pieces: Mapping[str, Piece], layout: str,
+              merged_only: frozenset[str] = frozenset()) -> None:
+    """Refuse a map that reads past a native tensor, names one the checkpoint lacks, or leaves one of the
+    model's tensors unread (its values would silently drop out of the evaluated model: e.g. a separate
+    output layer read with a config that ties it to the embeddings)."""
+    unread = sorted(set(native) - merged_only - {p.native for p in pieces.values()})
+    if unread:
+        raise CheckpointError(f"{path}: layout {layout!r} leaves {len(unread)} of the checkpoint's model tensors "
+                              f"unmapped ({unread[:5]}), so the HF model would not hold them: is "
+                              "checkpoints.config_dir the config of this model (tie_word_embeddings, num_hidden_layers)? "
+                              "Else give a map of your own with checkpoints.name_map")
     for hf, p in pieces.items():
         t = native.get(p.native)
         if t is None:

@@ -410,6 +410,7 @@ class MegatronFormat(DCPFormat):
         ck = MegatronCheckpoint(path, md, model, others, hf_config=hf, model_bytes=model_bytes,
                                 other_bytes=other_bytes)
         ck.common_iteration = (common or {}).get("iteration")
+        ck.merged_only = frozenset(n for n in model if MASTER.match(n))
         return ck
 
     def maps(self):

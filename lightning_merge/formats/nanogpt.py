@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -125,7 +126,10 @@ def _is_nanogpt(f: Path) -> bool:
             data = z.read(pkl)
     except (OSError, zipfile.BadZipFile):
         return False
-    return b"model_args" in data and b"model" in data
+    # the keys as whole pickled strings (protocol 2, torch.save's default: X + 4-byte length; protocol 4:
+    # \x8c + 1 byte), so a tensor name that merely contains "model_args" does not count
+    return all(re.search(rb"(?:X" + re.escape(struct.pack("<I", len(k))) + rb"|\x8c" + re.escape(bytes([len(k)])) + rb")"
+                         + k, data) for k in (b"model_args", b"model"))
 
 
 def _file(path: Path) -> Path:
