@@ -40,6 +40,7 @@ import torch
 
 from . import formats
 from .checkpoints import Checkpoint, CheckpointError, is_checkpoint
+from .completion import TRAINER_FILES as _TRAINER_WEIGHTLESS, incomplete
 from .unread import unread_format
 
 __all__ = ["Selector", "step_of", "step_key", "resolve_sources"]
@@ -47,7 +48,7 @@ __all__ = ["Selector", "step_of", "step_key", "resolve_sources"]
 log = logging.getLogger(__name__)
 
 # Files HF Trainer writes beside the weights of each checkpoint-N/ (training state, never a checkpoint).
-_TRAINER_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+_TRAINER_FILES = _TRAINER_WEIGHTLESS
 # A final model at most this large is compared with the newest checkpoint byte for byte; a larger
 # one by a sample of tensors (a training step changes every trained tensor, so equal samples mean
 # the same weights): 16 reads rather than two whole models.
@@ -167,6 +168,35 @@ def _framework_checkpoints(p: Path) -> list[Path] | None:
     return done
 
 
+def _whole(p: Path, kids: list[Path]) -> list[Path]:
+    """The HF checkpoints of the folder ``p`` that are written completely (``completion.py``), in order.
+
+    As for the frameworks' formats: an unfinished newest (a save in flight) or an unfinished older one
+    (a crashed save) is skipped with a warning; a folder with none finished is refused.
+    """
+    done = []
+    for k in kids:
+        why = incomplete(k)
+        if why is None:
+            done.append(k)
+        else:
+            log.warning("%s: %s is not completely written (%s; %s): skipped", p, k.name, why,
+                        "the newest: still being written?" if k == kids[-1] else "a crashed save?")
+    if kids and not done:
+        raise CheckpointError(f"checkpoints.sources: {p} holds {len(kids)} checkpoints "
+                              f"({[k.name for k in kids][:5]}) but none is completely written yet")
+    return done
+
+
+def _named_whole(p: Path) -> list[Path]:
+    """A checkpoint named explicitly must be whole: refused, with the reason, while it is being written."""
+    why = incomplete(p)
+    if why is not None:
+        raise CheckpointError(f"checkpoints.sources: {p} is not completely written ({why}): still being saved, "
+                              "or its save crashed; wait for it to finish, or give another")
+    return [p]
+
+
 def _expand_local(p: Path) -> list[Path]:
     """One local source as checkpoint paths: itself, its checkpoint children, or a refusal naming it."""
     framework = _framework_checkpoints(p)
@@ -174,8 +204,8 @@ def _expand_local(p: Path) -> list[Path]:
         return framework
     if p.is_dir():
         if is_checkpoint(p):
-            kids = _checkpoint_dirs(p)
-            return _run_with_final_model(p, kids) if kids else [p]
+            kids = _whole(p, _checkpoint_dirs(p))
+            return _run_with_final_model(p, kids) if kids else _named_whole(p)
         what = unread_format(p)  # a PEFT folder holds files that look readable
         if what:
             raise CheckpointError(f"checkpoints.sources: {what}")
@@ -187,9 +217,9 @@ def _expand_local(p: Path) -> list[Path]:
             if unread:
                 log.warning("%s: %s not read (a format lightning_merge does not read yet; give one of them as "
                             "a source to see how to convert it)", p, unread[:5])
-            return kids
+            return _whole(p, kids)
     elif is_checkpoint(p):
-        return [p]
+        return _named_whole(p)
     what = unread_format(p)
     if what:
         raise CheckpointError(f"checkpoints.sources: {what}")

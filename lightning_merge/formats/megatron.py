@@ -370,8 +370,20 @@ class MegatronFormat(DCPFormat):
         return bool(_ITER.match(path.name)) and ((path / COMMON).is_file() or is_dcp_dir(path))
 
     def complete(self, path: Path) -> bool:
+        """``.metadata`` and ``metadata.json`` (written last by ``dist_checkpointing.save``) and, where the
+        save folder has Megatron-LM's tracker, the tracker at this iteration or later (rank 0 updates it
+        once every rank's save has finished, async saves included)."""
         path = Path(path)
-        return (path / METADATA).is_file() and (path / CONFIG).is_file() and _backend(path) == BACKEND
+        if not ((path / METADATA).is_file() and (path / CONFIG).is_file() and _backend(path) == BACKEND):
+            return False
+        m, tracker = _ITER.match(path.name), path.parent / TRACKER
+        if m is None or not tracker.is_file():
+            return True
+        try:
+            latest = tracker.read_text().strip()
+        except OSError:
+            return False
+        return not latest.isdigit() or int(latest) >= int(m.group(1))
 
     def series_children(self, folder: Path) -> list[Path] | None:
         folder = Path(folder)
