@@ -27,6 +27,7 @@ __all__ = [
     "SearchConf",
     "StrategyConf",
     "MergeConf",
+    "WatchConf",
     "RunConfig",
     "register_configs",
     "to_run_config",
@@ -68,6 +69,7 @@ class DemoConf:
     heldout_frac: float = 0.05
     seed: int = 0
     max_train_bytes: Optional[int] = None  # cap on training text (tests use a smaller corpus)
+    save_pause_s: float = 0.0  # mode=watch's live demo: a pause mid-way through writing each weights file
 
     def __post_init__(self) -> None:
         _require(self.lr_schedule in ("constant", "cosine"), "demo.lr_schedule",
@@ -263,6 +265,11 @@ class SearchConf:
     each other (the thread slows the evaluation about as much as it hides; see
     ``benchmarks/trial_overhead.py``); where evaluation is kernel-bound (GPUs,
     large models) the thread hides the bookkeeping.
+
+    ``warm_start``: weights to evaluate as the search's first trials, one list
+    per point, one weight per loaded checkpoint (oldest first), each a point of
+    the space (``mode=watch`` starts each round from the previous round's best
+    and the best schedule so far this way).
     """
 
     name: str = "paper"
@@ -281,6 +288,7 @@ class SearchConf:
     max_failures: int = 3
     restart: bool = False
     background_bookkeeping: bool = True
+    warm_start: Optional[list[list[float]]] = None
 
     def __post_init__(self) -> None:
         _require(self.name in ("paper", "ax", "random", "grid"), "search.name",
@@ -309,6 +317,8 @@ class SearchConf:
                  f"must be >= 1 or null (off), got {self.plateau_trials}")
         _require(self.plateau_tol >= 0, "search.plateau_tol", f"must be >= 0, got {self.plateau_tol}")
         _require(self.max_failures >= 1, "search.max_failures", f"must be >= 1, got {self.max_failures}")
+        _require(self.warm_start is None or all(len(w) >= 2 for w in self.warm_start), "search.warm_start",
+                 f"must be a list of weight lists (one weight per checkpoint), got {self.warm_start}")
 
 
 @dataclass
@@ -421,8 +431,43 @@ class MergeConf:
 
 
 @dataclass
+class WatchConf:
+    """``mode=watch``: a round of search for each new checkpoint of a run in flight (``watch.py``).
+
+    A round starts once ``every`` checkpoints newer than the last round's have been completely written
+    (each format's completion rule), on the newest of them, over it and the checkpoints before it that
+    ``checkpoints.*`` select (``checkpoints.last=K``: the newest K). ``until_step``: stop after the round
+    of a checkpoint at or past this step (null: run until stopped). ``poll_s`` / ``max_poll_s``: the
+    first and the longest wait between looks at the folder while nothing is new (the wait doubles).
+    ``stop_file``: stop when this file appears (relative to the run directory), after the round in
+    flight; SIGTERM/SIGUSR2 stop at the next trial boundary (and requeue under SLURM). ``keep_merged``:
+    ``latest`` (``merged/`` is the newest round's best merge; older rounds' merges are removed) or
+    ``all`` (every round keeps its own). ``max_idle_s``: stop after this long with nothing new (null:
+    never).
+    """
+
+    every: int = 1
+    until_step: Optional[int] = None
+    poll_s: float = 5.0
+    max_poll_s: float = 120.0
+    stop_file: str = "STOP"
+    keep_merged: str = "latest"
+    max_idle_s: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "watch.every", f"must be >= 1, got {self.every}")
+        _require(self.poll_s > 0 and self.max_poll_s >= self.poll_s, "watch.poll_s",
+                 f"need 0 < watch.poll_s <= watch.max_poll_s, got {self.poll_s} and {self.max_poll_s}")
+        _require(self.keep_merged in ("latest", "all"), "watch.keep_merged",
+                 f"got {self.keep_merged!r}; use latest or all")
+        _require(self.max_idle_s is None or self.max_idle_s > 0, "watch.max_idle_s",
+                 f"must be > 0 or null, got {self.max_idle_s}")
+        _require(bool(self.stop_file), "watch.stop_file", "must name a file (relative to the run directory)")
+
+
+@dataclass
 class RunConfig:
-    """The whole run. ``mode``: search | evaluate | merge."""
+    """The whole run. ``mode``: search | evaluate | merge | watch."""
 
     experiment: str = "tiny"
     mode: str = "search"
@@ -439,10 +484,19 @@ class RunConfig:
     report: ReportConf = field(default_factory=ReportConf)
     strategy: StrategyConf = field(default_factory=StrategyConf)
     merge: MergeConf = field(default_factory=MergeConf)
+    watch: WatchConf = field(default_factory=WatchConf)
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("search", "evaluate", "merge"), "mode",
-                 f"got {self.mode!r}; use search, evaluate or merge")
+        _require(self.mode in ("search", "evaluate", "merge", "watch"), "mode",
+                 f"got {self.mode!r}; use search, evaluate, merge or watch")
+        if self.mode == "watch":
+            _require(not self.checkpoints.names, "checkpoints.names",
+                     "mode=watch follows new checkpoints; select with checkpoints.last (or steps/every), not names")
+            _require(self.checkpoints.last is not None and self.checkpoints.last >= 2, "checkpoints.last",
+                     f"mode=watch merges the newest K checkpoints each round; set checkpoints.last=K >= 2, "
+                     f"got {self.checkpoints.last}")
+            _require(not self.search.restart, "search.restart",
+                     "mode=watch resumes its rounds; to start over, give a new output_dir")
         _require(self.threads >= 0, "threads", "must be >= 0 (0 keeps torch's default)")
         if self.search.objective != "heldout_loss":
             _require(bool(self.data.mc.path or self.data.mc.name), "data.mc.path",

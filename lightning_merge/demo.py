@@ -50,6 +50,7 @@ __all__ = [
     "checkpoint_steps",
     "lr_factor",
     "train",
+    "write_corpus",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,12 @@ def cache_key(conf: DemoConf) -> str:
     """Short hash of everything the trajectory depends on.
 
     That is every ``DemoConf`` field except ``enabled`` (which says whether to
-    use the demo, not what it is), ``sys.version`` (the stdlib text changes
+    use the demo, not what it is) and ``save_pause_s`` (how the live demo writes), ``sys.version`` (the stdlib text changes
     between Python releases) and :data:`FORMAT_VERSION`.
     """
     fields = dataclasses.asdict(conf)
     fields.pop("enabled", None)
+    fields.pop("save_pause_s", None)  # how the live demo writes, not what it trains
     blob = json.dumps({"conf": fields, "python": sys.version, "format": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -248,14 +250,18 @@ def _no_hf_bars():
             hf_logging.enable_progress_bar()
 
 
-def train(conf: DemoConf, tokenizer, tokens: torch.Tensor, out: Path, progress: bool = True) -> list[Path]:
+def train(conf: DemoConf, tokenizer, tokens: torch.Tensor, out: Path, progress: bool = True,
+          save=None) -> list[Path]:
     """Train the tiny Llama on ``tokens`` and save its checkpoints under ``out``.
 
     Each step draws ``batch_size`` random windows of ``seq_len`` tokens from
     the packed stream with a seeded generator, so the run is reproducible.
     Weight decay applies to matrices only (nanoGPT's rule: decaying norms
     and biases only hurts). Returns the checkpoint folders, in training order.
+    ``save(model, tokenizer, folder)`` writes one checkpoint (default: ``save_pretrained``;
+    ``demo_live.py`` writes in place, as a run in flight does).
     """
+    save = save or _save_checkpoint
     if tokens.numel() <= conf.seq_len:
         raise ValueError(f"demo: only {tokens.numel()} training tokens, need more than "
                          f"demo.seq_len={conf.seq_len}; raise demo.max_train_bytes")
@@ -285,12 +291,34 @@ def train(conf: DemoConf, tokenizer, tokens: torch.Tensor, out: Path, progress: 
             bar.update(task, advance=1, loss=f"{loss.item():.3f}")
             if step + 1 in save_at:
                 folder = out / f"step{step + 1}"
-                with _no_hf_bars():  # one "Writing model shards" bar per save would bury ours
-                    model.save_pretrained(folder)
-                tokenizer.save_pretrained(folder)  # every checkpoint loads on its own, offline
+                save(model, tokenizer, folder)
                 saved.append(folder)
                 log.info("demo: saved %s (train loss %.3f)", folder.name, loss.item())
     return saved
+
+
+def write_corpus(conf: DemoConf, folder: Path):
+    """The demo's data in ``folder`` (``heldout.jsonl``, ``ood/*.jsonl``) and its tokenizer, trained here.
+
+    Returns ``(tokenizer, packed training tokens, train texts, held-out texts, {ood name: texts})``.
+    """
+    files = split_corpus(conf)
+    train_texts = _texts(files["train"], conf.max_train_bytes)
+    heldout_texts = _texts(files["heldout"])
+    from pydoc_data.topics import topics
+    ood_texts = {"stdlib_tests": _texts(files["stdlib_tests"]),
+                 "pydoc": [topics[k] for k in sorted(topics) if topics[k].strip()]}
+    _write_jsonl(folder / "heldout.jsonl", heldout_texts)
+    for name, texts in ood_texts.items():
+        _write_jsonl(folder / "ood" / f"{name}.jsonl", texts)
+    tokenizer = train_tokenizer(train_texts, conf.vocab_size)
+    return tokenizer, pack(tokenizer, train_texts), train_texts, heldout_texts, ood_texts
+
+
+def _save_checkpoint(model, tokenizer, folder: Path) -> None:
+    with _no_hf_bars():  # one "Writing model shards" bar per save would bury ours
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # every checkpoint loads on its own, offline
 
 
 def _load(root: Path) -> Trajectory | None:
@@ -330,17 +358,7 @@ def build_trajectory(conf: DemoConf, cache_root: str | Path, progress: bool = Tr
     seconds: dict[str, float] = {}
     with publishing_dir(root) as tmp:
         t0 = time.perf_counter()
-        files = split_corpus(conf)
-        train_texts = _texts(files["train"], conf.max_train_bytes)
-        heldout_texts = _texts(files["heldout"])
-        from pydoc_data.topics import topics
-        ood_texts = {"stdlib_tests": _texts(files["stdlib_tests"]),
-                     "pydoc": [topics[k] for k in sorted(topics) if topics[k].strip()]}
-        _write_jsonl(tmp / "heldout.jsonl", heldout_texts)
-        for name, texts in ood_texts.items():
-            _write_jsonl(tmp / "ood" / f"{name}.jsonl", texts)
-        tokenizer = train_tokenizer(train_texts, conf.vocab_size)
-        tokens = pack(tokenizer, train_texts)
+        tokenizer, tokens, train_texts, heldout_texts, ood_texts = write_corpus(conf, tmp)
         seconds["corpus_tokenizer"] = time.perf_counter() - t0
         log.info("demo: corpus (%d train files, %.2f MB, %d tokens; %d held-out files, %.2f MB) "
                  "and tokenizer (%d tokens) in %.1fs", len(train_texts), sum(map(len, train_texts)) / 1e6,

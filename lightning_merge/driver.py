@@ -86,6 +86,8 @@ def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
             "(json/jsonl/parquet/csv/txt) or a cached hub dataset with data.heldout.name=...")
     if not cfg.demo.enabled:
         raise CheckpointError("checkpoints.sources is empty; give it, or use +experiment=tiny for the embedded demo")
+    if cfg.mode == "watch":
+        return _live_demo(cfg, need_ckpt, need_data)
     from .demo import build_trajectory
 
     t0 = time.perf_counter()
@@ -102,6 +104,44 @@ def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
         ood = dict(cfg.data.ood) or {name: replace(held, path=str(p)) for name, p in traj.ood.items()}
         data = replace(cfg.data, heldout=held, ood=ood)
     return replace(cfg, checkpoints=ckpts, data=data)
+
+
+def _live_demo(cfg: RunConfig, need_ckpt: bool, need_data: bool) -> RunConfig:
+    """``mode=watch`` on the embedded demo (``+experiment=tiny_watch``): its training runs in the background.
+
+    Rank 0 starts the demo's training job (``demo_live.py``), which writes checkpoints into
+    ``<output_dir>/training_run/checkpoints`` while the service follows them, unless a previous run
+    already wrote them all; the job is stopped when the service ends. The service stops after the
+    last checkpoint's round unless ``watch.until_step`` says otherwise.
+    """
+    import atexit
+
+    from .completion import incomplete
+    from .demo import checkpoint_steps
+    from .demo_live import prepare, start
+
+    data = prepare(cfg.demo, cfg.cache_dir)
+    ckdir = Path(cfg.output_dir) / "training_run" / "checkpoints"
+    steps = checkpoint_steps(cfg.demo)
+    whole = all((ckdir / f"step{s}").is_dir() and incomplete(ckdir / f"step{s}") is None for s in steps)
+    if launched_rank() == 0 and need_ckpt and not whole:
+        proc = start(cfg.demo, data, ckdir, slow_save_s=cfg.demo.save_pause_s)
+
+        def stop_training() -> None:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+        atexit.register(stop_training)
+    ckpts = replace(cfg.checkpoints, sources=[str(ckdir)]) if need_ckpt else cfg.checkpoints
+    watch = cfg.watch if cfg.watch.until_step is not None or not need_ckpt else \
+        replace(cfg.watch, until_step=steps[-1])
+    data_conf = cfg.data
+    if need_data:
+        held = replace(cfg.data.heldout, path=str(data.heldout))
+        ood = dict(cfg.data.ood) or {name: replace(held, path=str(p)) for name, p in data.ood.items()}
+        data_conf = replace(cfg.data, heldout=held, ood=ood)
+    return replace(cfg, checkpoints=ckpts, data=data_conf, watch=watch)
 
 
 def _open_series(cfg: RunConfig) -> CheckpointSeries:
@@ -206,7 +246,7 @@ def _merger_factory(cfg: RunConfig, series: CheckpointSeries):
 
 
 def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
-    """Run ``cfg.mode`` (search | evaluate | merge) and return the results dict.
+    """Run ``cfg.mode`` (search | evaluate | merge | watch) and return the results dict.
 
     ``on_accepted`` is called once the run's checks have passed (the CLI writes Hydra's record then,
     see record.py), never for a refused run.
@@ -225,6 +265,10 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
     if cfg.mode in ("merge", "evaluate") and (note := weight_sum_warning(cfg.merge.weights, cfg.merge.normalize)):
         log.warning("%s", note)  # once, before any heavy work (the merger applies weights every trial)
     cfg = _resolve_inputs(cfg, stages)
+    if cfg.mode == "watch":  # a round of search per new checkpoint, over this module's pieces
+        from .watch import watch
+
+        return watch(cfg, out, stages, on_accepted)
     with stages("open checkpoints"):
         series = _open_series(cfg)
         _check_model(cfg, series)
@@ -246,16 +290,57 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
         log.info("merged model written to %s", merged or own)
         return results
 
+    def check(search_blocks: torch.Tensor):  # the resume check: before the model is built
+        return _prepare_search(cfg, series, search_blocks, out) if cfg.mode == "search" else None
 
+    session, space = _session(cfg, series, stages, check, on_accepted)
+    evaluator, full_eval, objective, preempt = session.evaluator, session.full_eval, session.objective, \
+        session.preempt
+    search_blocks = session.search_blocks
+
+    if cfg.mode == "evaluate":
+        with stages("evaluate"):
+            best = {"weights": list(cfg.merge.weights), **full_eval(list(cfg.merge.weights))}
+        results = report.results_dict(series, best=best, candidates=[], trials=0, merged_dir=None,
+                                      stages=stages.seconds)
+        if evaluator.is_global_zero:
+            report.write_results(out, results)
+            report.print_summary(results, cfg)
+        return results
+
+    try:
+        return _search(cfg, series, space, evaluator, full_eval, objective, out, stages, t_start, preempt,
+                       search_blocks)
+    finally:
+        preempt.restore()
+
+
+@dataclass
+class Session:
+    """What a search (or a watch service's every round) shares: the data, the model, the one Trainer."""
+
+    evaluator: object  # evaluate.Evaluator
+    full_eval: Callable[[list[float]], dict]
+    objective: Callable[[list[float]], tuple[float, dict]]
+    search_blocks: torch.Tensor
+    preempt: Preemption | None
+
+
+def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Callable[[torch.Tensor], object],
+             on_accepted: Callable[[], None] | None, preempt: Preemption | None = None) -> tuple[Session, object]:
+    """Tokenizer, held-out blocks, model skeleton and Evaluator, set up once for ``series``'s model.
+
+    ``check(search_blocks)`` runs once the blocks exist and before the model is built (the resume
+    check: a refused run costs no model); its result is returned beside the session. The Evaluator's
+    merger is bound to ``series``; ``Evaluator.rebind`` binds it to another series of the same model.
+    """
     with stages("data and model"):
         from transformers.utils import logging as hf_logging
 
+        from .evaluate import Evaluator
         from .model import build_model, load_tokenizer, tokenizer_dir
 
         hf_logging.disable_progress_bar()
-
-        from .evaluate import Evaluator
-
         if series.config_dir is None:
             raise CheckpointError(f"{series.newest.path}: no config.json beside the checkpoints; "
                                   "set checkpoints.config_dir to a folder with config.json and tokenizer")
@@ -274,12 +359,13 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
 
             mc_data = load_mc(cfg.data.mc, tok)
             log.info("multiple choice: %d items", mc_data.num_items)
-        space = _prepare_search(cfg, series, search_blocks, out) if cfg.mode == "search" else None
+        checked = check(search_blocks)
         if on_accepted is not None:  # the resume check (search) and the inputs (evaluate) have passed
             on_accepted()
         model = build_model(series.config_dir, getattr(torch, cfg.model.dtype), trust)
         # SIGUSR2 / SIGTERM only set a flag from here on; the search saves and requeues at a trial boundary.
-        preempt = Preemption().install() if cfg.mode == "search" else None
+        if preempt is None and cfg.mode == "search":
+            preempt = Preemption().install()
         evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size,
                               merger_factory=_merger_factory(cfg, series),
                               callbacks=[preempt.lightning_callback()] if preempt else ())
@@ -303,21 +389,7 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
         key = cfg.search.objective[3:]  # acc | acc_norm
         return 1.0 - m[key], {f"mc_{k}": v for k, v in m.items()}
 
-    if cfg.mode == "evaluate":
-        with stages("evaluate"):
-            best = {"weights": list(cfg.merge.weights), **full_eval(list(cfg.merge.weights))}
-        results = report.results_dict(series, best=best, candidates=[], trials=0, merged_dir=None,
-                                      stages=stages.seconds)
-        if evaluator.is_global_zero:
-            report.write_results(out, results)
-            report.print_summary(results, cfg)
-        return results
-
-    try:
-        return _search(cfg, series, space, evaluator, full_eval, objective, out, stages, t_start, preempt,
-                       search_blocks)
-    finally:
-        preempt.restore()
+    return Session(evaluator, full_eval, objective, search_blocks, preempt), checked
 
 
 def _fingerprint(cfg: RunConfig, series: CheckpointSeries, space, search_blocks: torch.Tensor) -> dict:
@@ -330,6 +402,8 @@ def _fingerprint(cfg: RunConfig, series: CheckpointSeries, space, search_blocks:
           "search.space": space.fingerprint(), "search.name": cfg.search.name,
           "search.objective": cfg.search.objective, "model.dtype": cfg.model.dtype,
           "strategy.precision": cfg.strategy.precision}
+    if cfg.search.warm_start:
+        fp["search.warm_start"] = [list(map(float, w)) for w in cfg.search.warm_start]
     if cfg.search.objective != "heldout_loss":
         from dataclasses import asdict
 
@@ -342,8 +416,11 @@ def _prepare_search(cfg: RunConfig, series: CheckpointSeries, search_blocks: tor
     from .ledger import Ledger, archive_previous, check_fingerprint
     from .spaces import make_space
 
+    from .search import AxSearch
+
     try:
         space = make_space(cfg.search, len(series))
+        AxSearch._warm_points(cfg.search, space)  # a warm-start point outside the space: refused now
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if launched_rank() == 0:
@@ -355,8 +432,11 @@ def _prepare_search(cfg: RunConfig, series: CheckpointSeries, search_blocks: tor
 
 
 def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eval, objective, out: Path,
-            stages: Stages, t_start: float, preempt, search_blocks: torch.Tensor) -> dict:
-    """Baselines, the trial loop (resumed from the ledger if there is one), the best merge, the report."""
+            stages: Stages, t_start: float, preempt, search_blocks: torch.Tensor, quiet: bool = False) -> dict:
+    """Baselines, the trial loop (resumed from the ledger if there is one), the best merge, the report.
+
+    ``quiet`` (a watch round): the progress bar goes when the search ends, and no summary table is printed.
+    """
     from . import report
     from .ledger import Ledger
     from .loop import SearchLoop
@@ -374,7 +454,7 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
             search.warm_up()
     names = [p.name for p in series.paths]
     reporter = report.LiveReport(out, cfg, names, ledger) if zero else None
-    with report.trial_progress(cfg.search.trials, enabled=zero and cfg.report.progress) \
+    with report.trial_progress(cfg.search.trials, enabled=zero and cfg.report.progress, transient=quiet) \
             as bar:
         loop = SearchLoop(cfg, evaluator, objective, full_eval, out, space, search=search, ledger=ledger,
                           on_trial=reporter.update if reporter else None, bar=bar, preempt=preempt)
@@ -391,7 +471,8 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
     if search is not None:
         search.flush()  # Ax has every result; the snapshot is on disk
         search.close()
-        reporter.update(force_plots=True)
+        if reason.startswith("preempted"):  # otherwise finish() below draws them, once, with the best merge
+            reporter.update(force_plots=True)
     if reason.startswith("preempted"):
         if zero:
             log.warning("%s: state saved in %s after %d trials; a re-run of the same command resumes it",
@@ -426,7 +507,8 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
     if zero:
         report.write_results(out, results)
         reporter.finish(results)
-        report.print_summary(results, cfg)
+        if not quiet:
+            report.print_summary(results, cfg)
     return results
 
 

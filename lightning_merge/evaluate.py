@@ -266,6 +266,7 @@ class Evaluator:
         self._applied: list[float] | None = None
         self.merge_seconds = 0.0
         self.hook_seconds = 0.0  # time in on_merged (Ax bookkeeping when it runs in line)
+        self.eval_seconds = 0.0  # all evaluations so far, their merges and hooks left out (mode=watch's cost figure)
         self.on_batch: Callable[[int, int], None] | None = None  # progress within an evaluation (rank 0)
         self.on_merged: Callable[[], None] | None = None  # called when a trial's parameters are ready
         # Lightning's banner (GPU/TPU available, tips) would repeat on every rank; keep warnings.
@@ -316,6 +317,19 @@ class Evaluator:
         self._applied = self._pending
         self.merge_seconds = time.perf_counter() - t0
 
+    def rebind(self, merger_factory: Callable[[torch.nn.Module, str], Any]) -> None:
+        """Merge from another series of the same model from now on (a watch round's checkpoints).
+
+        The previous resident sources are released here; the new ones are made resident at the next
+        merge (``set_weights`` then an evaluation), exactly as on the first.
+        """
+        self.merger = None
+        self.merger_factory = merger_factory
+        self._applied = None
+        import gc
+
+        gc.collect()
+
     @property
     def is_global_zero(self) -> bool:
         return self.trainer.is_global_zero
@@ -352,7 +366,10 @@ class Evaluator:
 
         if getattr(self, "_mc_module", None) is None:
             self._mc_module = MultipleChoiceEval(self.module.model)
+        t0 = time.perf_counter()
+        self.merge_seconds = self.hook_seconds = 0.0
         res = evaluate_mc(self.trainer, self._mc_module, data, self.batch_size)
+        self.eval_seconds += time.perf_counter() - t0 - self.merge_seconds - self.hook_seconds
         return {"acc": res["acc"], "acc_norm": res["acc_norm"]}
 
     def evaluate(self, blocks: torch.Tensor) -> EvalResult:
@@ -361,7 +378,9 @@ class Evaluator:
         loader = DataLoader(_Blocks(blocks), batch_size=self.batch_size,
                             sampler=ShardSampler(blocks.shape[0]), num_workers=0)
         self.module.result = None
+        self.merge_seconds = self.hook_seconds = 0.0
         self.trainer.validate(self.module, dataloaders=loader, verbose=False)
+        self.eval_seconds += time.perf_counter() - t0 - self.merge_seconds - self.hook_seconds
         res = self.module.result
         if res is None or res["tokens"] == 0:
             raise RuntimeError("evaluation produced no tokens; is the held-out set empty?")

@@ -259,11 +259,12 @@ def live_logging(progress) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def trial_progress(total: int, enabled: bool = True, console=None) -> Iterator[_Bar]:
+def trial_progress(total: int, enabled: bool = True, console=None, transient: bool = False) -> Iterator[_Bar]:
     """A rich progress display over trials, with the current evaluation's batches (rank 0 only).
 
     While it is live, log lines are printed through its console, above the bar (``live_logging``).
-    ``console``: where to draw it (default: rich's console on stdout).
+    ``console``: where to draw it (default: rich's console on stdout). ``transient``: the bar goes
+    when the block ends (a watch round's).
     """
     if not enabled:
         yield _Bar()
@@ -271,7 +272,8 @@ def trial_progress(total: int, enabled: bool = True, console=None) -> Iterator[_
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.fields[label]}[/]"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress, \
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                  transient=transient) as progress, \
             live_logging(progress):
         task = progress.add_task("baselines first", total=total, label="search")
         eval_task = progress.add_task("batches", total=1, label="evaluating", visible=False)

@@ -152,6 +152,7 @@ class AxSearch:
         self.converged: str | None = None  # why ask() returned None
         self._proposer = None
         self.hedge: dict | None = None
+        warm = self._warm_points(conf, space)
         if conf.name == "paper":
             from .bo import GPProposer
 
@@ -167,6 +168,20 @@ class AxSearch:
                                                       initialization_random_seed=conf.seed)
         else:  # pragma: no cover - SearchConf rejects other names
             raise ValueError(f"unknown search.name {conf.name!r}")
+        self._queue = warm + self._queue  # the warm start first, then the optimizer's own first points
+
+    @staticmethod
+    def _warm_points(conf: SearchConf, space) -> list[tuple[dict[str, float], str, dict]]:
+        """``search.warm_start`` as queued points (origin ``warm``); a point outside the space is refused."""
+        out = []
+        for i, w in enumerate(conf.warm_start or []):
+            params = space.params_for(w) if len(w) == space.k else None
+            if params is None:
+                raise ValueError(f"config option `search.warm_start`: point {i} {list(w)} is not a point of the "
+                                 f"{conf.space} space over {space.k} checkpoints (one weight per checkpoint, summing "
+                                 "to 1, within the space's bounds)")
+            out.append((params, "warm", {}))
+        return out
 
     # --- proposing -----------------------------------------------------------------------
     def ask(self) -> Proposal | None:

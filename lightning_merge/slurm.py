@@ -288,10 +288,14 @@ def requeue(job_id: str | None = None, *, timeout_s: float = 60.0) -> bool:
     ``job_id`` defaults to the job of this process (``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID``
     for an array task, else ``SLURM_JOB_ID``). Returns ``True`` once requeued
     (SLURM then ends this run; the job restarts with the same id), ``False`` when
-    not under SLURM. Raises :class:`RequeueError` if ``scontrol`` is not on PATH,
+    not under SLURM or when ``LIGHTNING_MERGE_REQUEUE=0`` (a watch service started inside a training
+    job's allocation, whose job id is the training job's). Raises :class:`RequeueError` if ``scontrol`` is not on PATH,
     fails or hangs, so the driver can report it and exit non-zero: the saved state
     is intact, and resubmitting the same command resumes it.
     """
+    if os.environ.get("LIGHTNING_MERGE_REQUEUE", "1") == "0":  # a watcher inside the training job's allocation
+        log.info("LIGHTNING_MERGE_REQUEUE=0: not requeueing; the enclosing job owns its requeue")
+        return False
     job_id = job_id if job_id is not None else _job_id_from_env()
     if not job_id:
         log.info("not running under SLURM (no SLURM_JOB_ID): nothing to requeue")
