@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .naming import _lm_experiment, experiment_name, run_dirname  # re-exported: the names runs get
+from .naming import _lm_experiment, _lm_run, experiment_name, run_dirname  # re-exported: the names runs get
 
 __all__ = [
     "DemoConf",
@@ -347,13 +347,26 @@ class BaselinesConf:
 
 @dataclass
 class ReportConf:
-    """The report in the run directory: ``report.md`` after every trial, plots at most every ``plot_every_s``."""
+    """The report in the run directory: ``report.md`` after every trial, plots at most every ``plot_every_s``.
+
+    ``loggers``: experiment trackers to log to as well, any of ``csv``, ``tensorboard``, ``wandb``,
+    ``mlflow`` (Lightning's loggers, on rank 0, under ``<run>/trackers/``; ``trackers.py``): per trial
+    the objective, the weights, the gain and the origin; per run (or watch round) the losses, the
+    out-of-domain losses, the stage times, the plots and the trials table.
+    """
 
     plot_every_s: float = 30.0
     progress: bool = True
+    loggers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.plot_every_s >= 0, "report.plot_every_s", f"must be >= 0, got {self.plot_every_s}")
+        from .trackers import _parse_names
+
+        try:  # an unknown name, or a tracker whose package is missing, is refused before any work
+            _parse_names(self.loggers)
+        except ValueError as e:
+            raise ConfigError(f"config option {e}") from None
 
 
 @dataclass
@@ -508,7 +521,8 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore as ``schema``, and the ``lm_dirname`` and ``lm_experiment`` resolvers."""
+    """Register the schema in Hydra's ConfigStore as ``schema``, and the ``lm_dirname``, ``lm_experiment`` and
+    ``lm_run`` resolvers."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -517,6 +531,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("lm_dirname", run_dirname)
     if not OmegaConf.has_resolver("lm_experiment"):
         OmegaConf.register_new_resolver("lm_experiment", _lm_experiment)
+    if not OmegaConf.has_resolver("lm_run"):
+        OmegaConf.register_new_resolver("lm_run", _lm_run)
 
 
 def to_run_config(cfg: Any) -> RunConfig:

@@ -432,10 +432,14 @@ def _prepare_search(cfg: RunConfig, series: CheckpointSeries, search_blocks: tor
 
 
 def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eval, objective, out: Path,
-            stages: Stages, t_start: float, preempt, search_blocks: torch.Tensor, quiet: bool = False) -> dict:
+            stages: Stages, t_start: float, preempt, search_blocks: torch.Tensor, quiet: bool = False,
+            deferred: list | None = None, trackers=None, step0: int = 0) -> dict:
     """Baselines, the trial loop (resumed from the ledger if there is one), the best merge, the report.
 
     ``quiet`` (a watch round): the progress bar goes when the search ends, and no summary table is printed.
+    ``deferred``: given, the plots are not drawn here; a callable that draws them is appended to it.
+    ``trackers`` (rank 0): the experiment trackers to log to (default: ``report.loggers``' own, opened,
+    given the hyperparameters and finalized here), at steps ``step0 + trial index``.
     """
     from . import report
     from .ledger import Ledger
@@ -454,10 +458,14 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
             search.warm_up()
     names = [p.name for p in series.paths]
     reporter = report.LiveReport(out, cfg, names, ledger) if zero else None
+    own_trackers = zero and trackers is None and bool(cfg.report.loggers)
+    if own_trackers:
+        trackers = _open_trackers(cfg, out, f"{cfg.experiment}/{out.name}")
+    on_trial = _trial_hook(reporter, trackers if zero else None, ledger, names, step0) if zero else None
     with report.trial_progress(cfg.search.trials, enabled=zero and cfg.report.progress, transient=quiet) \
             as bar:
         loop = SearchLoop(cfg, evaluator, objective, full_eval, out, space, search=search, ledger=ledger,
-                          on_trial=reporter.update if reporter else None, bar=bar, preempt=preempt)
+                          on_trial=on_trial, bar=bar, preempt=preempt)
         if zero:
             evaluator.on_batch = bar.eval_progress
         evaluator.connect(search_blocks, [0.0] * (len(series) - 1) + [1.0])  # before the first broadcast
@@ -478,6 +486,8 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
             log.warning("%s: state saved in %s after %d trials; a re-run of the same command resumes it",
                         reason, out, len(ledger.completed()))
             requeue()
+        if own_trackers:
+            trackers.finalize("preempted")
         return {"status": "preempted", "reason": reason, "output_dir": str(out)}
 
     best_rec = evaluator.broadcast(ledger.best() if ledger is not None else None)
@@ -506,10 +516,57 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
         results["per_trial"] = _per_trial(ledger, loop.report_seconds / max(loop.trials_run, 1))
     if zero:
         report.write_results(out, results)
-        reporter.finish(results)
+        reporter.finish(results, draw=deferred is None)
+        if deferred is not None:
+            deferred.append(lambda: reporter.draw(results))
+        if trackers is not None:
+            _log_run(trackers, results, ledger, out, step0, images=deferred is None,
+                     prefix="round" if quiet else "run")
+            if own_trackers:
+                trackers.finalize("success")
         if not quiet:
             report.print_summary(results, cfg)
     return results
+
+
+def _open_trackers(cfg: RunConfig, out: Path, run_name: str):
+    """Rank 0: ``report.loggers``' trackers under ``<out>/trackers``, with the run's options as hyperparameters."""
+    from dataclasses import asdict
+
+    from .trackers import Trackers
+
+    t = Trackers(cfg.report.loggers, Path(out) / "trackers", run_name=run_name, experiment=cfg.experiment)
+    conf = asdict(cfg)
+    t.log_hparams({k: conf[k] for k in ("mode", "seed", "checkpoints", "data", "model", "search", "baselines",
+                                        "strategy", "merge", "watch") if k in conf})
+    return t
+
+
+def _trial_hook(reporter, trackers, ledger, names: list[str], step0: int):
+    """After each recorded trial (rank 0): report.md, and the trial on the trackers."""
+    def hook() -> None:
+        reporter.update()
+        if trackers is not None and trackers.enabled:
+            recs = ledger.ordered()
+            last = next((r for r in recs if r.get("origin") == f"baseline:{names[-1]}"
+                         and r.get("status") == "completed"), None)
+            rec = max(recs, key=lambda r: r["trial"])
+            trackers.log_trial(rec, step=step0 + int(rec["trial"]),
+                               last_loss=last.get("heldout_loss") if last else None, source_names=names)
+
+    return hook
+
+
+def _log_run(trackers, results: dict, ledger, out: Path, step0: int, images: bool, prefix: str) -> None:
+    """The run's (or a watch round's) figures on the trackers: summary, trials table, plots."""
+    if not trackers.enabled:
+        return
+    step = step0 + max((int(r["trial"]) for r in ledger.ordered()), default=-1) + 1
+    trackers.log_summary(results, step=step, prefix=prefix)
+    cols = ("trial", "origin", "status", "weights", "objective", "heldout_loss", "seconds")
+    trackers.log_table(f"{prefix}_trials", [{c: r.get(c) for c in cols} for r in ledger.ordered()], step=step)
+    if images:
+        trackers.log_images(sorted(Path(out).glob("*.png")), step=step)
 
 
 def _per_trial(ledger, report_s: float) -> dict:

@@ -121,3 +121,11 @@ def _lm_experiment(sources: Any = None, recipe: Any = None) -> str:
     if isinstance(sources, ListConfig):
         sources = OmegaConf.to_container(sources, resolve=True)
     return experiment_name(sources, recipe or None)
+
+
+def _lm_run(mode: Any = "search", search_name: Any = "paper") -> str:
+    """The run folder's last part: the search's name (``paper``), or ``watch`` for the watch service
+    (``watch-<name>`` for another optimizer), so a watch never shares a folder with a search run."""
+    if str(mode) != "watch":
+        return str(search_name)
+    return "watch" if str(search_name) == "paper" else f"watch-{search_name}"

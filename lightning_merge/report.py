@@ -105,9 +105,16 @@ class LiveReport:
         self._plots(results, force_plots)
         write_report(self.out, results, self.ledger.ordered(), self.cfg, self.plots)
 
-    def finish(self, results: dict) -> None:
-        self._plots(results, force=True)
+    def finish(self, results: dict, draw: bool = True) -> None:
+        """The final report.md; ``draw=False`` leaves the plots to :meth:`draw` (a watch round draws them
+        off its critical path, while the next round runs)."""
+        if draw:
+            self._plots(results, force=True)
         write_report(self.out, results, self.ledger.ordered(), self.cfg, self.plots)
+
+    def draw(self, results: dict) -> None:
+        """Draw the plots and rewrite report.md with them."""
+        self.finish(results, draw=True)
 
 
 def print_summary(results: dict, cfg, console=None) -> None:

@@ -307,7 +307,8 @@ def round_config(cfg: RunConfig, d: dict, out: Path) -> RunConfig:
     ckpts = replace(cfg.checkpoints, sources=list(d["sources"]), last=None, every=None, steps=None, names=None)
     search = replace(cfg.search, warm_start=[list(w) for w in d["warm_start"]] or None)
     merge = replace(cfg.merge, out="merged")
-    return replace(cfg, mode="search", checkpoints=ckpts, search=search, merge=merge,
+    report = replace(cfg.report, plot_every_s=float("inf"))  # a round's plots are drawn once, when it ends
+    return replace(cfg, mode="search", checkpoints=ckpts, search=search, merge=merge, report=report,
                    output_dir=str(out / "rounds" / d["round"]))
 
 

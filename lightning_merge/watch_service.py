@@ -43,6 +43,11 @@ class Service:
         self.watcher = Watcher(cfg, self.out)
         self.rounds = self.watcher.log
         self.preempt = Preemption().install()
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Plots and the rounds report are drawn here, one job at a time, while the next round runs.
+        self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="watch-report")
+        self._drawing: list = []
 
     # --- before the ranks are connected: every process on its own --------------------------------
     def _first_window(self) -> list[Path] | str:
@@ -96,12 +101,29 @@ class Service:
             ev = self.session.evaluator
             # Start every rank and the process group without merging (the rounds bind their checkpoints).
             ev.evaluate(self.session.search_blocks[: max(1, ev.trainer.world_size)])
+            if ev.is_global_zero:
+                with self.stages("search warm-up"):  # Ax and BoTorch's one-off imports and first fit: not a round's
+                    _warm_up_search(self.cfg)
             return self._loop(ev)
         finally:
             self.preempt.restore()
+            self._drawer.shutdown(wait=True)
+            for f in self._drawing:
+                if f.exception() is not None:
+                    log.warning("watch: a report job failed: %s", f.exception())
+            t = getattr(self, "trackers", None)
+            if t is not None:
+                if (self.out / "rounds.png").is_file():
+                    t.log_images([self.out / "rounds.png"], step=self.step0)
+                t.finalize("preempted" if self.preempt.requested else "success")
 
     def _loop(self, ev) -> dict:
+        from . import driver
+
         zero = ev.is_global_zero
+        self.trackers = driver._open_trackers(self.cfg, self.out, f"{self.cfg.experiment}/watch") \
+            if zero and self.cfg.report.loggers else None
+        self.step0 = _steps_done(self.out, self.rounds)
         while True:
             d = None
             if zero:
@@ -150,8 +172,11 @@ class Service:
             series = driver._open_series(rcfg)
             ev.rebind(driver._merger_factory(rcfg, series))
             space = driver._prepare_search(rcfg, series, s.search_blocks, rdir)
+            draw: list = []
             results = driver._search(rcfg, series, space, ev, s.full_eval, s.objective, rdir, Stages(), t0,
-                                     s.preempt, s.search_blocks, quiet=True)
+                                     s.preempt, s.search_blocks, quiet=True, deferred=draw,
+                                     trackers=self.trackers, step0=self.step0)
+            self._drawing += [self._drawer.submit(job) for job in draw]
         except ConfigError:
             raise  # the round's own state belongs to other settings: the service refuses (said with the option)
         except (CheckpointError, MergeError, OSError, RuntimeError, ValueError, KeyError) as e:
@@ -164,33 +189,48 @@ class Service:
                 failed = gone + _KEEP_HINT
         if ev.any_rank(failed is not None) and failed is None:
             failed = "failed on another rank (see its log)"
-        seconds = time.perf_counter() - t0
         if ev.is_global_zero:
-            self._record(d, results, failed, seconds, ev.eval_seconds - e0)
+            self._record(d, results, failed, t0, ev.eval_seconds - e0)
+            if self.trackers is not None and failed is None:
+                last = self.rounds.records[-1]
+                self.trackers.log_metrics({"round/checkpoint_step": d.get("step"),
+                                           "round/gain_vs_baseline_percent": last.get("gain_vs_baseline_percent"),
+                                           "round/outside_eval_fraction": last.get("outside_eval_fraction")},
+                                          step=self.step0 + _ledger_len(rdir))
+        self.step0 += _ledger_len(rdir)
         return "failed" if failed else "completed"
 
-    def _record(self, d: dict, results: dict | None, failed: str | None, seconds: float, eval_s: float) -> None:
+    def _record(self, d: dict, results: dict | None, failed: str | None, t0: float, eval_s: float) -> None:
+        """Rank 0: publish the merge, then the round's line; the rounds report is drawn in the background.
+
+        ``seconds`` is the round's whole critical path, up to its line (the publish included), so
+        ``outside_eval_fraction`` is everything but evaluation that the round waited for.
+        """
         from .rounds_report import round_line, write_rounds_report
 
         base = {"round": d["round"], "step": d.get("step"), "sources": d["sources"]}
         prev = self.rounds.last_completed()
         if failed is not None:
+            seconds = time.perf_counter() - t0
             rec = {**base, "status": "failed", "reason": failed, "seconds": round(seconds, 3), "finished": _now()}
             log.warning("round %s failed: %s", d["round"], failed)
         else:
+            self._publish(results)
+            _fault_point("round_published")
+            seconds = time.perf_counter() - t0
             rec = {**base, "status": "completed", **_summary(results), "warm_start": d["warm_start"],
                    "warm_origins": d.get("warm_origins", []), "seconds": round(seconds, 3),
                    "eval_seconds": round(eval_s, 3),
                    "outside_eval_fraction": round(1.0 - eval_s / seconds, 4) if seconds > 0 else None,
                    "finished": _now()}
-            self._publish(results)
-            _fault_point("round_published")
         self.rounds.write(rec)
         _fault_point("round_recorded")
+        log.info("%s", round_line(rec))
         if failed is None and self.cfg.watch.keep_merged == "latest":
             _cleanup_merged(self.out, {d["round"], prev["round"] if prev else ""})
-        write_rounds_report(self.out, self.rounds.records, experiment=self.cfg.experiment)
-        log.info("%s", round_line(rec))
+        records = list(self.rounds.records)
+        self._drawing.append(self._drawer.submit(write_rounds_report, self.out, records,
+                                                 experiment=self.cfg.experiment))
 
     def _publish(self, results: dict) -> None:
         """``merged`` (and ``merged_<format>``) point at this round's best merge, swapped atomically."""
@@ -199,6 +239,27 @@ class Service:
         if results.get("merged_source_dir"):
             own = Path(results["merged_source_dir"])
             publish_link(self.out / own.name, own)
+
+
+def _warm_up_search(cfg: RunConfig) -> None:
+    from .search import AxSearch
+    from .spaces import make_space
+
+    s = AxSearch(cfg.search, make_space(cfg.search, cfg.checkpoints.last), name="warm-up")
+    s.warm_up()
+    s.close()
+
+
+def _ledger_len(rdir: Path) -> int:
+    """The trial indices a round used (its trackers' steps)."""
+    from .io import read_jsonl
+
+    return max((int(r["trial"]) for r in read_jsonl(rdir / "trials.jsonl")), default=-1) + 1
+
+
+def _steps_done(out: Path, rounds) -> int:
+    """The trackers' step after the rounds that ended (a restarted service continues from it)."""
+    return sum(_ledger_len(out / "rounds" / r["round"]) for r in rounds.finished())
 
 
 def _link_name(cfg: RunConfig) -> str:

@@ -117,29 +117,30 @@ def _figures(r: dict) -> tuple:
 
 
 def test_kills_lose_no_round_and_repeat_none(pool, tmp_path):
+    four = {**pool, "paths": pool["paths"][:4]}  # three rounds: step-200, step-300, step-400
     ref_out, ref_dir = tmp_path / "ref", tmp_path / "ref_ckpts"
-    feeder = Feeder(pool, ref_dir, ref_out)
+    feeder = Feeder(four, ref_dir, ref_out)
     feeder.start()
-    res = _run(watch_cmd(ref_dir, pool["heldout"], ref_out, "watch.until_step=500"))
+    res = _run(watch_cmd(ref_dir, pool["heldout"], ref_out, "watch.until_step=400"))
     feeder.stop.set()
     assert res.returncode == 0, res.stderr[-3000:]
     ref = finished(ref_out)
-    assert [r["round"] for r in ref] == [f"step-{s}" for s in STEPS[1:]]
+    assert [r["round"] for r in ref] == [f"step-{s}" for s in STEPS[1:4]]
     assert all(r["status"] == "completed" for r in ref)
     # Rounds after the first are warm-started from the previous best, shifted by one checkpoint.
     assert ref[1]["warm_start"][0] == ref[0]["best_weights"] and "previous best" in ref[1]["warm_origins"]
 
     out, watched = tmp_path / "killed", tmp_path / "ckpts"
-    feeder = Feeder(pool, watched, out)
+    feeder = Feeder(four, watched, out)
     feeder.start()
     deaths = []
     # Mid-round (a trial recorded, not yet told to Ax), with the merge published but the round not yet
     # recorded, and between rounds (recorded, before the next look).
     for spec in ("completed:12", "round_published:1", "round_recorded:1"):
-        res = _run(watch_cmd(watched, pool["heldout"], out, "watch.until_step=500"), LIGHTNING_MERGE_KILL_AT=spec)
+        res = _run(watch_cmd(watched, pool["heldout"], out, "watch.until_step=400"), LIGHTNING_MERGE_KILL_AT=spec)
         deaths.append((spec, res.returncode))
         assert res.returncode == -9, (spec, res.returncode, res.stderr[-3000:])
-    res = _run(watch_cmd(watched, pool["heldout"], out, "watch.until_step=500"))
+    res = _run(watch_cmd(watched, pool["heldout"], out, "watch.until_step=400"))
     feeder.stop.set()
     assert res.returncode == 0, res.stderr[-3000:]
     got = finished(out)
@@ -150,7 +151,7 @@ def test_kills_lose_no_round_and_repeat_none(pool, tmp_path):
         trials = read_jsonl(out / "rounds" / r["round"] / "trials.jsonl")
         done = [t["trial"] for t in trials if t["status"] == "completed"]
         assert len(done) == len(set(done)), (r["round"], done)
-    assert (out / "merged").resolve() == (out / "rounds" / "step-500" / "merged").resolve()
+    assert (out / "merged").resolve() == (out / "rounds" / "step-400" / "merged").resolve()
     assert (out / "rounds.png").is_file() and (out / "rounds.md").is_file()
 
 
@@ -168,10 +169,16 @@ def test_source_deleted_mid_round_fails_that_round_only(pool, tmp_path):
 
     feeder = Feeder(pool, watched, out, on_running=delete_oldest)
     feeder.start()
-    res = _run(watch_cmd(watched, pool["heldout"], out, "watch.until_step=400"))
+    res = _run(watch_cmd(watched, pool["heldout"], out, "watch.until_step=400", "report.loggers=[csv]"))
     feeder.stop.set()
     assert res.returncode == 0, res.stderr[-3000:]
     rounds = {r["round"]: r for r in finished(out)}
+    # The trackers hold each completed round's figures (one tracker run for the service).
+    import csv
+
+    (metrics,) = (out / "trackers" / "csv").rglob("metrics.csv")
+    logged = [float(r["round/best_loss"]) for r in csv.DictReader(metrics.open()) if r.get("round/best_loss")]
+    assert logged == pytest.approx([rounds[n]["best_loss"] for n in ("step-200", "step-400")], rel=1e-12)
     assert rounds["step-200"]["status"] == "completed"
     assert rounds["step-300"]["status"] == "failed"
     assert "step200" in rounds["step-300"]["reason"] and "delet" in rounds["step-300"]["reason"]
@@ -183,8 +190,6 @@ def test_source_deleted_mid_round_fails_that_round_only(pool, tmp_path):
 
 def test_live_trainer_whole_checkpoints_and_rounds_equal_search(tmp_path):
     """The demo's training loop in a subprocess writes checkpoints in place while the watcher follows it."""
-    import dataclasses
-
     from lightning_merge.config import DemoConf
     from lightning_merge.demo_live import prepare, start
 
@@ -230,4 +235,3 @@ def test_live_trainer_whole_checkpoints_and_rounds_equal_search(tmp_path):
           if t["status"] == "completed"]
     tb = [(t["weights"], t.get("objective")) for t in read_jsonl(sep / "trials.jsonl") if t["status"] == "completed"]
     assert ta == tb
-    del dataclasses
