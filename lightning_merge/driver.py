@@ -520,8 +520,8 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
         if deferred is not None:
             deferred.append(lambda: reporter.draw(results))
         if trackers is not None:
-            _log_run(trackers, results, ledger, out, step0, images=deferred is None,
-                     prefix="round" if quiet else "run")
+            if not quiet:  # a watch round's figures are logged by the service, once the round is recorded
+                _log_run(trackers, results, ledger, out, step0, images=deferred is None, prefix="run")
             if own_trackers:
                 trackers.finalize("success")
         if not quiet:

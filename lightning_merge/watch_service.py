@@ -192,6 +192,10 @@ class Service:
         if ev.is_global_zero:
             self._record(d, results, failed, t0, ev.eval_seconds - e0)
             if self.trackers is not None and failed is None:
+                from .ledger import Ledger
+
+                driver._log_run(self.trackers, results, Ledger.open(rdir / "trials.jsonl"), rdir, self.step0,
+                                images=False, prefix="round")
                 last = self.rounds.records[-1]
                 self.trackers.log_metrics({"round/checkpoint_step": d.get("step"),
                                            "round/gain_vs_baseline_percent": last.get("gain_vs_baseline_percent"),

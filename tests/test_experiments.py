@@ -36,6 +36,7 @@ REMOTE_CODE = {"baichuan7b"}
 #: name -> (strategy name, accelerator, devices, precision, model dtype)
 STRATEGY = {
     "tiny": ("single", "cpu", 1, "32-true", "float32"),
+    "tiny_watch": ("single", "cpu", 1, "32-true", "float32"),
     "baichuan7b": ("deepspeed_stage_3", "gpu", 8, "bf16-true", "bfloat16"),
     "deepseek": ("deepspeed_stage_3", "gpu", 8, "bf16-true", "bfloat16"),
     "pythia": ("ddp", "gpu", 8, "32-true", "float32"),
@@ -72,7 +73,11 @@ def test_experiment_composes_into_a_run_config(name):
     assert (cfg.strategy.name, cfg.strategy.accelerator, cfg.strategy.devices, cfg.strategy.num_nodes,
             cfg.strategy.precision) == (strategy, accelerator, devices, 1, precision)
     assert cfg.model.dtype == dtype
-    assert cfg.demo.enabled == (name == "tiny")
+    assert cfg.demo.enabled == name.startswith("tiny")
+    if name == "tiny_watch":  # the demo trained in the background and watched: rounds over the newest 4
+        assert cfg.mode == "watch" and cfg.search.space == "simplex" and cfg.checkpoints.last == 4
+        assert cfg.demo.save_pause_s > 0 and not cfg.checkpoints.sources
+        return
     assert cfg.search.name == "paper" and cfg.search.space == "pairwise" and cfg.search.trials >= 2
     assert cfg.checkpoints.last == 2
     if name != "tiny":

@@ -122,8 +122,15 @@ def test_truncated_bin_named(formats, tmp_path):
     shutil.copytree(formats["bin"][0], bad)
     data = (bad / "pytorch_model.bin").read_bytes()
     (bad / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
-    with pytest.raises(CheckpointError, match=r"trunc/pytorch_model.bin: corrupt or truncated"):
+    # Named as a source: refused by the completion rule (a save in flight or a crashed one), naming the file.
+    with pytest.raises(CheckpointError, match=r"trunc is not completely written \(pytorch_model.bin is not a "
+                                              r"whole zip archive"):
         CheckpointSeries.from_sources([bad])
+    # Opened directly (past the rule), the reader itself refuses it.
+    from lightning_merge.checkpoints import Checkpoint
+
+    with pytest.raises(CheckpointError, match=r"trunc/pytorch_model.bin: corrupt or truncated"):
+        Checkpoint.open(bad)
 
 
 def test_tied_embeddings_follow_the_config(tmp_path, tokenizer):

@@ -146,8 +146,11 @@ def test_blocks_longer_than_positions_refused(family, key, limit, tmp_path, toke
 def test_weight_count_checked_before_loading(tmp_path, tiny_run):
     ck = tmp_path / "run"
     shutil.copytree(tiny_run["ckdir"], ck)
-    newest = ck / "step1100" / "model.safetensors"
-    newest.write_bytes(newest.read_bytes()[:100])  # would fail on open: the count must be refused first
+    from safetensors.torch import save_file
+
+    # Whole, but another model's tensors: opening the series would refuse it; the count must be refused first.
+    # (A truncated file no longer serves: a folder's newest that is not completely written is skipped.)
+    save_file({"other.weight": torch.zeros(2)}, str(ck / "step1100" / "model.safetensors"))
     cfg = _cfg(tmp_path, [ck], tiny_run["heldout"], mode="merge", merge=MergeConf(weights=[0.2, 0.3, 0.5]))
     with pytest.raises(ConfigError) as e:
         run(cfg)

@@ -6,7 +6,7 @@
   sources with the same warm start (the same trials, the same losses, exactly).
 - Kills: SIGKILL mid-round, after the merge is published but before the round is recorded, and
   between rounds; the restarted service finishes with every round once and the same figures as a
-  run that was never killed.
+  run that was never killed. Under DDP (2 gloo ranks) the rounds are the same too.
 - A source deleted mid-round (a training job's keep-last-k cleanup): that round fails with the
   reason, the next one succeeds.
 """
@@ -153,6 +153,16 @@ def test_kills_lose_no_round_and_repeat_none(pool, tmp_path):
         assert len(done) == len(set(done)), (r["round"], done)
     assert (out / "merged").resolve() == (out / "rounds" / "step-400" / "merged").resolve()
     assert (out / "rounds.png").is_file() and (out / "rounds.md").is_file()
+
+    # Two gloo ranks (rank 0 decides and broadcasts each wait, round and stop): the same rounds, exactly.
+    ddp_out, ddp_dir = tmp_path / "ddp", tmp_path / "ddp_ckpts"
+    feeder = Feeder(four, ddp_dir, ddp_out)
+    feeder.start()
+    res = _run(watch_cmd(ddp_dir, pool["heldout"], ddp_out, "watch.until_step=400", "strategy=ddp",
+                         "strategy.devices=2"))
+    feeder.stop.set()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [_figures(r) for r in finished(ddp_out)] == [_figures(r) for r in ref]
 
 
 def test_source_deleted_mid_round_fails_that_round_only(pool, tmp_path):
