@@ -109,8 +109,18 @@ class CausalLMEval(L.LightningModule):
         self.model = model
         self.metric = TokenNLL()
         self.result: dict[str, Any] | None = None
+        # Request mode (lm-eval): each batch is ``(index, item)``; ``requests_fn(model, item)``'s output is kept.
+        # The same module, so the strategy's wrapping (DDP, FSDP, ZeRO-3) is the one the merges work on.
+        self.requests_fn: Callable[[torch.nn.Module, Any], Any] | None = None
+        self.request_outputs: list[tuple[int, Any]] = []
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if self.requests_fn is not None:
+            index, item = batch
+            out = self.requests_fn(self.model, item)
+            if index >= 0:  # -1: a dummy that keeps this rank's forwards in step with the others'
+                self.request_outputs.append((int(index), out))
+            return
         ids, valid = batch
         logits = self.model(input_ids=ids).logits
         # Shift the labels, not the logits: slicing logits[:, :-1] would copy them (non-contiguous).
@@ -121,9 +131,25 @@ class CausalLMEval(L.LightningModule):
         self.metric.update((per_block * valid).sum(), valid.sum() * (ids.shape[1] - 1))
 
     def on_validation_epoch_end(self) -> None:
+        if self.requests_fn is not None:
+            return
         out = self.metric.compute()  # all-reduce (sum) across ranks, once
         self.result = {"nll": float(out["nll"]), "tokens": int(out["tokens"])}
         self.metric.reset()
+
+
+class _Dealt(Dataset):
+    """This rank's ``(index, item)`` pairs of a request run (index -1: a dummy run of item 0)."""
+
+    def __init__(self, items: Sequence[Any], indices: list[int]) -> None:
+        self.items, self.indices = items, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        return i, self.items[max(i, 0)]
 
 
 def _keep_on_device(cls: type) -> type:
@@ -359,6 +385,43 @@ class Evaluator:
         if self.trainer.world_size > 1 and not torch.distributed.is_initialized():
             raise RuntimeError("Evaluator.broadcast before the ranks are connected: call connect() first")
         return self.trainer.strategy.broadcast(obj, src=0)
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are split across ranks (FSDP, ZeRO-3): every forward is collective."""
+        return self.trainer.world_size > 1 and type(self.trainer.strategy).__name__.endswith(
+            ("FSDPStrategy", "DeepSpeedStrategy"))
+
+    def map(self, fn: Callable[[torch.nn.Module, Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(model, item) for item in items]`` on the current parameters, split over the ranks; on every rank.
+
+        The runner of ``lmeval.model.ResidentLM``: items are dealt round-robin, a rank with fewer runs a
+        dummy item so that all run the same number of forwards (FSDP and ZeRO-3 gather parameters in
+        every forward), each inside ``validate`` on the strategy's own wrapped model, after the pending
+        merge; the outputs are gathered (``all_gather_object``) and returned in item order.
+        """
+        from .lmeval.model import collect, deal
+
+        t0 = time.perf_counter()
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if not items:
+            return []
+        loader = DataLoader(_Dealt(items, deal(len(items), rank, world)), batch_size=None, num_workers=0)
+        module = self.module
+        module.requests_fn, module.request_outputs = fn, []
+        self.merge_seconds = self.hook_seconds = 0.0
+        try:
+            self.trainer.validate(module, dataloaders=loader, verbose=False)
+            mine = module.request_outputs
+        finally:
+            module.requests_fn, module.request_outputs = None, []
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        self.eval_seconds += time.perf_counter() - t0 - self.merge_seconds - self.hook_seconds
+        return collect(gathered, len(items))
 
     def evaluate_mc(self, data) -> dict:
         """Exact multiple-choice accuracy (acc, acc_norm) of the current parameters."""
