@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from .formatting import _gain, _w, command_line
+from .formatting import _gain, _w, command_line, lmeval_table
 
 __all__ = ["model_card", "merging_verdict", "trainer_lr", "DECAYED", "WIDE_MARGIN_PERCENT"]
 
@@ -144,7 +144,8 @@ tags: [lightning_merge, checkpoint-merging]
 ---"""
 
 
-def model_card(series, best: dict, candidates: list[dict], cfg, command: str | None = None) -> str:
+def model_card(series, best: dict, candidates: list[dict], cfg, command: str | None = None,
+               lmeval: dict | None = None) -> str:
     """The merged model's README.md: sources, weights, metric, gains (or that none was measured), and the command.
 
     ``best`` without ``heldout_loss`` is a ``mode=merge`` merge: the weights were
@@ -168,6 +169,7 @@ def model_card(series, best: dict, candidates: list[dict], cfg, command: str | N
                  f"({top['name']}, {top['heldout_loss']:.4f}); positive means lower loss.\n")
     verdict = merging_verdict(series.paths, best, candidates)
     verdict = f"\n**{verdict.split(':', 1)[0]}**:{verdict.split(':', 1)[1]}\n" if verdict else ""
+    lm = "\n".join(["", "## lm-eval tasks", "", *lmeval_table(lmeval), ""]) if lmeval_table(lmeval) else ""
     return f"""{_FRONT}
 # Merged checkpoint ({cfg.experiment})
 
@@ -183,7 +185,7 @@ Liu et al., *Checkpoint Merging via Bayesian Optimization in LLM Pretraining*, a
 | candidate | weights | held-out loss | gain vs last |
 |---|---|---|---|
 {rows}
-
+{lm}
 {_reproduce(command)}
 """
 

@@ -28,6 +28,7 @@ __all__ = [
     "StrategyConf",
     "MergeConf",
     "WatchConf",
+    "LMEvalConf",
     "RunConfig",
     "register_configs",
     "to_run_config",
@@ -230,6 +231,52 @@ class DataConf:
 
 
 @dataclass
+class LMEvalConf:
+    """lm-evaluation-harness on the resident merge (``lightning_merge/lmeval/``).
+
+    ``task`` and ``metric`` (lm-eval's ``metric,filter`` key; a bare ``acc`` means ``acc,none``) are
+    the search objective with ``search.objective=lmeval``: minimised as ``1 - metric`` when lm-eval
+    says higher is better, as the metric itself otherwise. ``limit`` (items per task; < 1: a
+    fraction), ``num_fewshot`` (null: the task's own default) and ``seed`` (the few-shot sampler's,
+    reset before every evaluation so every trial sees the same prompts) apply to the objective and
+    the report tasks alike. ``data``: the files of the shipped offline tasks (``mmlu_local``,
+    ``ceval_local``, ``cmmlu_local``, ``gsm8k_local``, ``text_local``, ``cloze_local``; each listed in
+    ``conf/config.yaml``, so ``lmeval.data.gsm8k_local=/data/gsm8k`` needs no ``+``), task name -> file or
+    folder (null: not given); ``include_path``: more folders of task YAMLs. Searching on a task that is
+    also reported on the same split is refused unless ``allow_same_split``; the held-out text is
+    checked for documents sharing ``ngram``-word n-grams with the reported tasks (a warning).
+    """
+
+    task: Optional[str] = None
+    metric: str = "acc,none"
+    limit: Optional[float] = None
+    num_fewshot: Optional[int] = None
+    seed: int = 1234
+    batch_size: int = 8
+    max_gen_toks: int = 256
+    add_bos_token: Optional[bool] = None
+    data: dict[str, Optional[str]] = field(default_factory=dict)
+    include_path: list[str] = field(default_factory=list)
+    allow_same_split: bool = False
+    ngram: int = 13
+
+    def __post_init__(self) -> None:
+        _require(self.limit is None or self.limit > 0, "lmeval.limit", f"must be > 0 or null, got {self.limit}")
+        _require(self.num_fewshot is None or self.num_fewshot >= 0, "lmeval.num_fewshot",
+                 f"must be >= 0 or null (the task's default), got {self.num_fewshot}")
+        _require(self.batch_size >= 1, "lmeval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.max_gen_toks >= 1, "lmeval.max_gen_toks", f"must be >= 1, got {self.max_gen_toks}")
+        _require(self.ngram >= 1, "lmeval.ngram", f"must be >= 1, got {self.ngram}")
+        _require(bool(self.metric) and self.metric.count(",") <= 1, "lmeval.metric",
+                 f"got {self.metric!r}; use lm-eval's `metric,filter` key, e.g. acc,none or exact_match,strict-match")
+
+    @property
+    def metric_key(self) -> str:
+        """``metric,filter`` as lm-eval's results spell it."""
+        return self.metric if "," in self.metric else f"{self.metric},none"
+
+
+@dataclass
 class ModelConf:
     """How the model skeleton is built from the first checkpoint's config."""
 
@@ -307,8 +354,9 @@ class SearchConf:
                  "negative weights need search.parameterization=constrained")
         _require(self.trials >= 2, "search.trials",
                  f"must be >= 2 (the two initial points), got {self.trials}")
-        _require(self.objective in ("heldout_loss", "mc_acc", "mc_acc_norm"), "search.objective",
-                 f"got {self.objective!r}; use heldout_loss, mc_acc or mc_acc_norm (the latter need data.mc)")
+        _require(self.objective in ("heldout_loss", "mc_acc", "mc_acc_norm", "lmeval"), "search.objective",
+                 f"got {self.objective!r}; use heldout_loss, lmeval (lmeval.task and lmeval.metric), or "
+                 "mc_acc / mc_acc_norm (data.mc)")
         _require(self.acquisition in ("ei", "pi", "ucb", "gp_hedge"), "search.acquisition",
                  f"got {self.acquisition!r}; use ei, pi, ucb or gp_hedge")
         _require(self.max_seconds is None or self.max_seconds > 0, "search.max_seconds",
@@ -346,6 +394,14 @@ class BaselinesConf:
 
 
 @dataclass
+class ReportLMEvalConf:
+    """``report.lmeval.tasks``: lm-eval tasks the final candidates (each checkpoint, the best baseline and
+    the best merge) are scored on after the search, with ``lmeval``'s settings: the paper's results table."""
+
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ReportConf:
     """The report in the run directory: ``report.md`` after every trial, plots at most every ``plot_every_s``.
 
@@ -358,6 +414,7 @@ class ReportConf:
     plot_every_s: float = 30.0
     progress: bool = True
     loggers: list[str] = field(default_factory=list)
+    lmeval: "ReportLMEvalConf" = field(default_factory=lambda: ReportLMEvalConf())
 
     def __post_init__(self) -> None:
         _require(self.plot_every_s >= 0, "report.plot_every_s", f"must be >= 0, got {self.plot_every_s}")
@@ -498,6 +555,7 @@ class RunConfig:
     strategy: StrategyConf = field(default_factory=StrategyConf)
     merge: MergeConf = field(default_factory=MergeConf)
     watch: WatchConf = field(default_factory=WatchConf)
+    lmeval: LMEvalConf = field(default_factory=LMEvalConf)
 
     def __post_init__(self) -> None:
         _require(self.mode in ("search", "evaluate", "merge", "watch"), "mode",
@@ -511,7 +569,14 @@ class RunConfig:
             _require(not self.search.restart, "search.restart",
                      "mode=watch resumes its rounds; to start over, give a new output_dir")
         _require(self.threads >= 0, "threads", "must be >= 0 (0 keeps torch's default)")
-        if self.search.objective != "heldout_loss":
+        if self.search.objective == "lmeval":
+            _require(bool(self.lmeval.task), "lmeval.task",
+                     "search.objective=lmeval needs a task, e.g. lmeval.task=gsm8k_local lmeval.metric=exact_match,strict-match")
+            _require(self.lmeval.allow_same_split or self.lmeval.task not in self.report.lmeval.tasks,
+                     "report.lmeval.tasks", f"the search's task {self.lmeval.task!r} is also reported: a merge chosen "
+                     "on a split and reported on it overstates the gain. Report another task or split, or set "
+                     "lmeval.allow_same_split=true")
+        elif self.search.objective != "heldout_loss":
             _require(bool(self.data.mc.path or self.data.mc.name), "data.mc.path",
                      f"search.objective={self.search.objective} needs a multiple-choice set (data.mc.path or name)")
         if self.mode in ("evaluate", "merge"):

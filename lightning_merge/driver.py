@@ -98,12 +98,32 @@ def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
         stages.seconds.update(traj.seconds)
     ckpts = replace(cfg.checkpoints, sources=[str(p) for p in traj.checkpoints]) if need_ckpt \
         else cfg.checkpoints
-    data = cfg.data
+    data, lmeval = cfg.data, cfg.lmeval
     if need_data:
         held = replace(cfg.data.heldout, path=str(traj.heldout))
         ood = dict(cfg.data.ood) or {name: replace(held, path=str(p)) for name, p in traj.ood.items()}
         data = replace(cfg.data, heldout=held, ood=ood)
-    return replace(cfg, checkpoints=ckpts, data=data)
+        lmeval = _demo_lmeval_data(cfg, traj)
+    return replace(cfg, checkpoints=ckpts, data=data, lmeval=lmeval)
+
+
+def _demo_lmeval_data(cfg: RunConfig, traj):
+    """The demo's own files for the shipped offline lm-eval tasks the run names but gives no files for:
+    ``cloze_local`` built from the held-out text (written once beside the trajectory), ``text_local`` the
+    out-of-domain prose."""
+    data = dict(cfg.lmeval.data)
+    named = {cfg.lmeval.task, *cfg.report.lmeval.tasks} - {k for k, v in data.items() if v}
+    if "cloze_local" in named:
+        from .data import load_texts
+        from .lmeval.tasks import build_cloze_items
+
+        path = Path(traj.heldout).parent / "lmeval" / "cloze_heldout.jsonl"
+        if not path.is_file():
+            build_cloze_items(load_texts(traj.heldout), path, n_items=400, seed=0)
+        data["cloze_local"] = str(path)
+    if "text_local" in named and traj.ood:
+        data["text_local"] = str(traj.ood.get("pydoc", next(iter(traj.ood.values()))))
+    return replace(cfg.lmeval, data=data)
 
 
 def _live_demo(cfg: RunConfig, need_ckpt: bool, need_data: bool) -> RunConfig:
@@ -301,8 +321,15 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
     if cfg.mode == "evaluate":
         with stages("evaluate"):
             best = {"weights": list(cfg.merge.weights), **full_eval(list(cfg.merge.weights))}
+        lm_report = None
+        if session.lmeval is not None and cfg.report.lmeval.tasks:
+            with stages("lm-eval report"):
+                given = [{"name": "given weights", "kind": "search", "weights": list(cfg.merge.weights)}]
+                lm_report = session.lmeval.report(given, cfg.search.objective, out)
         results = report.results_dict(series, best=best, candidates=[], trials=0, merged_dir=None,
                                       stages=stages.seconds)
+        if lm_report is not None:
+            results["lmeval"] = lm_report
         if evaluator.is_global_zero:
             report.write_results(out, results)
             report.print_summary(results, cfg)
@@ -310,7 +337,7 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
 
     try:
         return _search(cfg, series, space, evaluator, full_eval, objective, out, stages, t_start, preempt,
-                       search_blocks)
+                       search_blocks, lmeval=session.lmeval)
     finally:
         preempt.restore()
 
@@ -324,6 +351,7 @@ class Session:
     objective: Callable[[list[float]], tuple[float, dict]]
     search_blocks: torch.Tensor
     preempt: Preemption | None
+    lmeval: object | None = None  # lmeval.run.Scorer: the lm-eval objective and report tasks, when used
 
 
 def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Callable[[torch.Tensor], object],
@@ -359,6 +387,11 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
 
             mc_data = load_mc(cfg.data.mc, tok)
             log.info("multiple choice: %d items", mc_data.num_items)
+        lm_plan = None
+        if cfg.search.objective == "lmeval" or cfg.report.lmeval.tasks:
+            from .lmeval.run import prepare
+
+            lm_plan = prepare(cfg, tok.batch_decode(report_blocks))  # tasks, files and splits checked: no model yet
         checked = check(search_blocks)
         if on_accepted is not None:  # the resume check (search) and the inputs (evaluate) have passed
             on_accepted()
@@ -369,6 +402,19 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
         evaluator = Evaluator(model, cfg.strategy, batch_size=cfg.data.batch_size,
                               merger_factory=_merger_factory(cfg, series),
                               callbacks=[preempt.lightning_callback()] if preempt else ())
+        scorer = None
+        if lm_plan is not None:
+            from .lmeval.run import Scorer
+
+            scorer = Scorer(lm_plan, cfg, evaluator, tok, model.config)
+    lm_cache: dict[tuple, tuple[float, dict]] = {}
+
+    def lm_objective(weights: list[float]) -> tuple[float, dict]:
+        key = tuple(float(w) for w in weights)
+        if key not in lm_cache:  # a baseline's full evaluation reuses its trial's score
+            evaluator.set_weights(weights)
+            lm_cache[key] = scorer.objective()
+        return lm_cache[key]
 
     def full_eval(weights: list[float]) -> dict:
         evaluator.set_weights(weights)
@@ -377,6 +423,8 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
         res["ood_loss"] = {n: evaluator.evaluate(b).loss for n, b in ood_blocks.items()}
         if mc_data is not None:
             res.update({f"mc_{k}": v for k, v in evaluator.evaluate_mc(mc_data).items()})
+        if cfg.search.objective == "lmeval":
+            res.update(lm_objective(weights)[1])
         return res
 
     def objective(weights: list[float]) -> tuple[float, dict]:
@@ -385,11 +433,13 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
         if cfg.search.objective == "heldout_loss":
             r = evaluator.evaluate(search_blocks)
             return r.loss, {"heldout_loss": r.loss, "tokens": r.tokens}
+        if cfg.search.objective == "lmeval":
+            return lm_objective(weights)
         m = evaluator.evaluate_mc(mc_data)
         key = cfg.search.objective[3:]  # acc | acc_norm
         return 1.0 - m[key], {f"mc_{k}": v for k, v in m.items()}
 
-    return Session(evaluator, full_eval, objective, search_blocks, preempt), checked
+    return Session(evaluator, full_eval, objective, search_blocks, preempt, scorer), checked
 
 
 def _fingerprint(cfg: RunConfig, series: CheckpointSeries, space, search_blocks: torch.Tensor) -> dict:
@@ -404,7 +454,13 @@ def _fingerprint(cfg: RunConfig, series: CheckpointSeries, space, search_blocks:
           "strategy.precision": cfg.strategy.precision}
     if cfg.search.warm_start:
         fp["search.warm_start"] = [list(map(float, w)) for w in cfg.search.warm_start]
-    if cfg.search.objective != "heldout_loss":
+    if cfg.search.objective == "lmeval":
+        from dataclasses import asdict
+
+        lm = asdict(cfg.lmeval)
+        fp["lmeval"] = {k: lm[k] for k in ("task", "metric", "limit", "num_fewshot", "seed", "data",
+                                           "include_path", "add_bos_token", "max_gen_toks")}
+    elif cfg.search.objective != "heldout_loss":
         from dataclasses import asdict
 
         fp["data.mc"] = asdict(cfg.data.mc)
@@ -433,13 +489,15 @@ def _prepare_search(cfg: RunConfig, series: CheckpointSeries, search_blocks: tor
 
 def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eval, objective, out: Path,
             stages: Stages, t_start: float, preempt, search_blocks: torch.Tensor, quiet: bool = False,
-            deferred: list | None = None, trackers=None, step0: int = 0) -> dict:
+            deferred: list | None = None, trackers=None, step0: int = 0, lmeval=None) -> dict:
     """Baselines, the trial loop (resumed from the ledger if there is one), the best merge, the report.
 
     ``quiet`` (a watch round): the progress bar goes when the search ends, and no summary table is printed.
     ``deferred``: given, the plots are not drawn here; a callable that draws them is appended to it.
     ``trackers`` (rank 0): the experiment trackers to log to (default: ``report.loggers``' own, opened,
     given the hyperparameters and finalized here), at steps ``step0 + trial index``.
+    ``lmeval`` (an ``lmeval.run.Scorer``): with ``report.lmeval.tasks``, the final candidates are scored
+    on them after the best merge is evaluated (results.json ``lmeval``, report.md, the model card).
     """
     from . import report
     from .ledger import Ledger
@@ -498,13 +556,17 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
                 "origin": best_rec.get("origin"), "search_objective": best_rec[OBJECTIVE],
                 **full_eval(best_rec["weights"])}
     candidates.append({"name": "best merge", "kind": "search", **best})
+    lm_report = None
+    if lmeval is not None and cfg.report.lmeval.tasks:
+        with stages("lm-eval report"):
+            lm_report = lmeval.report(candidates, cfg.search.objective, out)
 
     merged = own = None
     last = [c for c in candidates if c["kind"] == "checkpoint"][-1]
     if zero and cfg.merge.write:
         with stages("write merged model"):
             metric = {"heldout_loss": best["heldout_loss"], "last_checkpoint_loss": last["heldout_loss"]}
-            card = report.model_card(series, best, candidates, cfg)
+            card = report.model_card(series, best, candidates, cfg, lmeval=lm_report)
             merged, own = _write(cfg, series, best["weights"], out, metric=metric, card=card)
     stages.seconds["total"] = time.perf_counter() - t_start
     results = report.results_dict(series, best=best, candidates=candidates,
@@ -512,6 +574,8 @@ def _search(cfg: RunConfig, series: CheckpointSeries, space, evaluator, full_eva
                                   merged_dir=merged or own, stages=stages.seconds)
     results["merged_source_dir"] = str(own.resolve()) if own else None
     results["stop_reason"] = reason
+    if lm_report is not None:
+        results["lmeval"] = lm_report
     if zero:
         results["per_trial"] = _per_trial(ledger, loop.report_seconds / max(loop.trials_run, 1))
     if zero:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["command_line"]
+__all__ = ["command_line", "lmeval_table"]
 
 
 def _gain(loss: float, ref: float) -> float:
@@ -47,3 +47,21 @@ def command_line() -> str:
               or Path(sys.argv[0]).resolve() == Path(__file__).with_name("__main__.py").resolve()):
         return "(not run from the command line: lightning_merge.driver.run was called from Python)"
     return " ".join([prog, *(shlex.quote(a) for a in args)])
+
+
+def lmeval_table(lmeval: dict | None) -> list[str]:
+    """The lm-eval report tasks as markdown lines: one row per candidate, a column per task and metric."""
+    rows = (lmeval or {}).get("rows") or []
+    if not rows:
+        return []
+    cols = [(t, m) for t, ms in rows[0]["metrics"].items() for m in ms]
+    lines = ["| candidate | " + " | ".join(f"{t} {m.removesuffix(',none')}" for t, m in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for r in rows:
+        vals = " | ".join(f"{r['metrics'].get(t, {}).get(m, float('nan')):.4f}" for t, m in cols)
+        lines.append(f"| {r['name']} | {vals} |")
+    shots, limit = lmeval.get("num_fewshot"), lmeval.get("limit")
+    limit = "none" if limit is None else f"{limit:g}" + (" items per task" if limit >= 1 else " of each task")
+    lines += ["", f"lm-evaluation-harness, scored on the merge in place; limit {limit}, "
+                  f"few-shot {'as each task says' if shots is None else shots}, seed {lmeval.get('seed')}."]
+    return lines

@@ -295,4 +295,4 @@ class SearchLoop:
 
 def _metrics(rec: dict) -> dict:
     """The metric fields of a ledger record (what the objective returned besides its value)."""
-    return {k: v for k, v in rec.items() if k in ("heldout_loss", "tokens") or k.startswith("mc_")}
+    return {k: v for k, v in rec.items() if k in ("heldout_loss", "tokens") or k.startswith(("mc_", "lmeval_"))}

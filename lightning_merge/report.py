@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .formatting import _gain, _w, command_line  # noqa: F401  (command_line: part of this module's API)
+from .formatting import _gain, _w, command_line, lmeval_table  # noqa: F401  (command_line: this module's API)
 from .io import atomic_write_json, atomic_write_text
 
 __all__ = ["results_dict", "write_results", "write_report", "LiveReport", "print_summary", "model_card",
@@ -43,10 +43,24 @@ def write_results(out: Path, results: dict) -> Path:
     return atomic_write_json(Path(out) / "results.json", results)
 
 
-def _objective_label(objective: str) -> str:
+def _objective_label(cfg) -> str:
+    objective = cfg.search.objective
+    if objective == "lmeval":
+        from .lmeval.run import objective_label
+
+        return objective_label(cfg.lmeval) + " (1 - metric where higher is better)"
     return {"heldout_loss": "held-out loss (search set, nats/token)",
             "mc_acc": "1 - accuracy (multiple choice)",
             "mc_acc_norm": "1 - acc_norm (multiple choice)"}.get(objective, objective)
+
+
+def _lm_column(cfg) -> str | None:
+    """The candidates' column for the lm-eval objective's metric (``lmeval_value``), when it is the objective."""
+    if cfg.search.objective != "lmeval":
+        return None
+    from .lmeval.run import objective_label
+
+    return objective_label(cfg.lmeval)
 
 
 def write_report(out: Path, results: dict, trials: Sequence[dict], cfg, plots: Sequence[str] = ()) -> Path:
@@ -57,19 +71,24 @@ def write_report(out: Path, results: dict, trials: Sequence[dict], cfg, plots: S
              f"Command: `{command_line()}`", ""]
     if results.get("stop_reason"):
         lines += [f"Search stopped: {results['stop_reason']}.", ""]
+    lm = _lm_column(cfg)
     lines += ["## Candidates (held-out report set)", "",
-              "| candidate | weights | held-out loss | ppl |" + "".join(f" {n} loss |" for n in ood),
-              "|---|---|---|---|" + "---|" * len(ood)]
+              "| candidate | weights | held-out loss | ppl |" + "".join(f" {n} loss |" for n in ood)
+              + (f" {lm} |" if lm else ""),
+              "|---|---|---|---|" + "---|" * (len(ood) + bool(lm))]
     for c in results.get("candidates", []):
         oods = "".join(f" {c.get('ood_loss', {}).get(n, float('nan')):.4f} |" for n in ood)
+        lm_cell = f" {c.get('lmeval_value', float('nan')):.4f} |" if lm else ""
         lines.append(f"| {c['name']} | {_w(c['weights'])} | {c['heldout_loss']:.4f} | "
-                     f"{c.get('heldout_ppl', float('nan')):.2f} |{oods}")
+                     f"{c.get('heldout_ppl', float('nan')):.2f} |{oods}{lm_cell}")
     if "gain_vs_last_percent" in results:
         lines += ["", f"Gain of the best merge over the last checkpoint: "
                       f"**{results['gain_vs_last_percent']:.2f}%**"]
+    if results.get("lmeval"):
+        lines += ["", "## lm-eval tasks (report.lmeval.tasks)", "", *lmeval_table(results["lmeval"])]
     for name in plots:
         lines += ["", f"![{Path(name).stem}]({name})"]
-    lines += ["", f"## Trials (objective: {_objective_label(cfg.search.objective)})", "",
+    lines += ["", f"## Trials (objective: {_objective_label(cfg)})", "",
               "| trial | origin | status | weights | objective | seconds |",
               "|---|---|---|---|---|---|"]
     for t in trials:
@@ -96,7 +115,7 @@ class LiveReport:
         from .plots import write_plots
 
         self.plots = write_plots(self.out, self.ledger.ordered(), results, getattr(self.cfg.search, "alpha", 0.0),
-                                 _objective_label(self.cfg.search.objective), self.names)
+                                 _objective_label(self.cfg), self.names)
         self._plotted = time.monotonic()
 
     def update(self, force_plots: bool = False) -> None:
@@ -137,6 +156,9 @@ def print_summary(results: dict, cfg, console=None) -> None:
     if has_mc:
         table.add_column("MC acc", justify="right")
         table.add_column("acc_norm", justify="right")
+    lm = _lm_column(cfg)
+    if lm:
+        table.add_column(lm, justify="right")
     table.add_column("gain vs last", justify="right", no_wrap=True)
     rows = cands if cands else [{"name": "evaluated weights", **results["best"]}]
     for c in rows:
@@ -147,9 +169,21 @@ def print_summary(results: dict, cfg, console=None) -> None:
                       *[f"{c.get('ood_loss', {}).get(n, float('nan')):.4f}" for n in cfg.data.ood],
                       *([f"{c.get('mc_acc', float('nan')):.4f}", f"{c.get('mc_acc_norm', float('nan')):.4f}"]
                         if has_mc else []),
+                      *([f"{c.get('lmeval_value', float('nan')):.4f}"] if lm else []),
                       gain, style=style)
     con = console or Console(width=max(Console().width, 120))
     con.print(table)
+    lm = results.get("lmeval") or {}
+    if lm.get("rows"):
+        cols = [(t, m) for t, ms in lm["rows"][0]["metrics"].items() for m in ms]
+        lt = Table(title="lm-eval (report.lmeval.tasks)")
+        lt.add_column("candidate", no_wrap=True)
+        for t, m in cols:
+            lt.add_column(f"{t}\n{m.removesuffix(',none')}", justify="right")
+        for r in lm["rows"]:
+            lt.add_row(r["name"], *[f"{r['metrics'].get(t, {}).get(m, float('nan')):.4f}" for t, m in cols],
+                       style="bold green" if r.get("kind") == "search" else None)
+        con.print(lt)
     secs = "  ".join(f"{k} {v:.1f}s" for k, v in results["seconds"].items())
     con.print(f"[bold]wall time[/] {secs}")
     if "gain_vs_last_percent" in results:
@@ -168,12 +202,14 @@ def print_summary(results: dict, cfg, console=None) -> None:
         con.print(f"[bold]merged model[/] {results['merged_dir']}")
 
 
-def model_card(series, best: dict, candidates: list[dict], cfg, command: str | None = None) -> str:
+def model_card(series, best: dict, candidates: list[dict], cfg, command: str | None = None,
+               lmeval: dict | None = None) -> str:
     """The merged model's README.md (see ``card.py``): sources, weights, losses or that none were measured,
-    whether merging helped, and the command that made it (``command``, default :func:`command_line`)."""
+    whether merging helped, the lm-eval report tasks, and the command that made it (``command``, default
+    :func:`command_line`)."""
     from .card import model_card as card
 
-    return card(series, best, candidates, cfg, command=command)
+    return card(series, best, candidates, cfg, command=command, lmeval=lmeval)
 
 
 class _Bar:

@@ -37,6 +37,7 @@ REMOTE_CODE = {"baichuan7b"}
 STRATEGY = {
     "tiny": ("single", "cpu", 1, "32-true", "float32"),
     "tiny_watch": ("single", "cpu", 1, "32-true", "float32"),
+    "tiny_lmeval": ("single", "cpu", 1, "32-true", "float32"),
     "baichuan7b": ("deepspeed_stage_3", "gpu", 8, "bf16-true", "bfloat16"),
     "deepseek": ("deepspeed_stage_3", "gpu", 8, "bf16-true", "bfloat16"),
     "pythia": ("ddp", "gpu", 8, "32-true", "float32"),

@@ -113,6 +113,37 @@ def build_fsdp(config, version: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model, model
 
 
+class ProcessGroupRunner:
+    """ResidentLM's runner on a raw process group: this rank's dealt batches, then all_gather_object."""
+
+    def __init__(self, model, rank: int, world: int) -> None:
+        self.model, self.rank, self.world = model, rank, world
+
+    def map(self, fn, items):
+        from lightning_merge.lmeval.model import collect, deal
+
+        with torch.no_grad():
+            mine = [(i, fn(self.model, items[max(i, 0)])) for i in deal(len(items), self.rank, self.world)]
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, [(i, o) for i, o in mine if i >= 0])
+        return collect(everyone, len(items))
+
+
+def run_lmeval(conf: dict, series, config, module, rank: int, world: int) -> dict:
+    """lm-eval's metrics of the merged model: every forward (and every generation step) on all ranks."""
+    from transformers import AutoTokenizer
+
+    from lightning_merge.lmeval.model import ResidentLM
+    from lightning_merge.lmeval.tasks import load_tasks, run_tasks
+
+    tok = AutoTokenizer.from_pretrained(series.config_dir)
+    lm = ResidentLM(config, tok, ProcessGroupRunner(module, rank, world), batch_size=conf["batch_size"],
+                    synced=True)
+    tasks = load_tasks(conf["tasks"], data=conf["data"], num_fewshot=conf.get("num_fewshot"))
+    res = run_tasks(lm, tasks, limit=conf.get("limit"))
+    return {t: {k: v for k, v in res[t].items() if isinstance(v, (int, float))} for t in conf["tasks"]}
+
+
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     kind = spec.get("strategy", "zero3")
@@ -154,6 +185,8 @@ def main() -> None:
         with no_grad():
             nll, tokens = evaluate(forward, blocks, spec["batch_size"], rank, world)
         losses.append({"weights": w, "loss": nll / tokens, "nll": nll, "tokens": tokens})
+        if spec.get("lmeval"):  # lm-eval tasks on the merged, partitioned model (ZeRO-3 only)
+            losses[-1]["lmeval"] = run_lmeval(spec["lmeval"], series, config, module, rank, world)
     if zero3:
         stats["gathered_before_merge"] = gathered_before
         stats["gathered_after_merge"] = gathered_after

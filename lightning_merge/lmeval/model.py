@@ -223,6 +223,10 @@ class ResidentLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # --- log-likelihood -----------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        """TemplateLM's tokenization of ``(context, continuation)`` pairs (its bar only with ``show_progress``)."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
     def _plan_scores(self, requests: list[tuple], batch_size: int | None = None):
         """HFLM's batches for ``requests`` (``(strings, context_enc, continuation_enc)``), and the row groups."""
         def _collate(req):
