@@ -81,6 +81,10 @@ def test_experiment_composes_into_a_run_config(name):
         return
     assert cfg.search.name == "paper" and cfg.search.space == "pairwise" and cfg.search.trials >= 2
     assert cfg.checkpoints.last == 2
+    if name == "tiny_lmeval":  # the demo merged for an lm-eval objective, with an lm-eval report table
+        assert cfg.search.objective == "lmeval" and cfg.lmeval.task == "cloze_local"
+        assert cfg.report.lmeval.tasks == ["text_local"] and not cfg.checkpoints.sources
+        return
     if name != "tiny":
         assert cfg.checkpoints.sources, f"{name}: no checkpoints.sources"
         held = cfg.data.heldout
