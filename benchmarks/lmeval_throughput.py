@@ -2,12 +2,14 @@
 
 One process, CPU. Three ways to score the same lm-eval task on the same saved random-init Llama:
 
-- ``HFLM``: ``lm_eval.simple_evaluate(model=HFLM(pretrained=folder, batch_size=B))``, the baseline;
+- ``HFLM``: lm-eval's ``HFLM(pretrained=folder, batch_size=B)``, the baseline;
 - ``ResidentLM, local``: our adapter with a ``LocalRunner`` (the model called in this process);
 - ``ResidentLM, Evaluator``: our adapter as the tool runs it, every batch inside the Evaluator's
   ``Trainer.validate`` (strategy ``single``).
 
-They alternate (A B C, A B C, ...) and each row's median over ``--repeats`` is reported as requests/s
+All three go through the same harness call (``lm_eval.evaluator.evaluate`` via ``lmeval.tasks.run_tasks``;
+``simple_evaluate`` adds seconds of environment collection that are no model's cost), so only the model
+differs. They alternate (A B C, A B C, ...) and each row's median over ``--repeats`` is reported as requests/s
 (lm-eval's requests: one per choice of each item for ``cloze_local``, one per rolling window for
 ``text_local``) with the ratio to HFLM in the same run. Every figure must be equal to HFLM's (checked).
 With ``--ranks 2`` the Evaluator's figure under DDP (2 gloo processes, through the CLI's ``mode=evaluate``
@@ -76,7 +78,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,9 +107,9 @@ def main() -> None:
         n_req = 0
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            ref = lm_eval.simple_evaluate(model=hf, tasks=list(tasks["tasks"].values()), bootstrap_iters=0)
+            ref = run_tasks(hf, tasks)
             times["HFLM"].append(time.perf_counter() - t0)
-            values["HFLM"] = ref["results"][task][metric]
+            values["HFLM"] = ref[task][metric]
             for name, lm in (("ResidentLM, local", local), ("ResidentLM, Evaluator", tool)):
                 before = lm.stats["requests"]
                 t0 = time.perf_counter()

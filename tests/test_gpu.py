@@ -165,6 +165,48 @@ def test_gpu_merge_then_evaluate_equals_the_single_process_reference(case, input
     check(case, json.loads(out_file.read_text()))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "fsdp"])
+def test_lmeval_under_lightning_sharding_equals_hflm(strategy, tmp_path, tokenizer):
+    """lm-eval tasks on the merge in place under Lightning's ZeRO-3 (and FSDP) on one GPU equal lm-eval's HFLM
+    on the saved merge: acc / acc_norm exactly, word perplexity to fp32 rounding (ZeRO-3's gathered
+    parameters run the same kernels, but not necessarily in the same order)."""
+    pytest.importorskip("accelerate")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from lightning_merge.lmeval.tasks import build_cloze_items, load_tasks
+    from lightning_merge.merge import write_merged
+    from lightning_merge.series import CheckpointSeries
+    from test_lmeval_distributed import PROSE, _model
+
+    paths = [_model(tmp_path / "ckpts" / f"step{s}", seed=s, tokenizer=tokenizer) for s in (1, 2)]
+    merged = write_merged(CheckpointSeries.from_sources([str(p) for p in paths]), [0.3, 0.7], tmp_path / "merged")
+    data = {"cloze_local": str(build_cloze_items(PROSE * 3, tmp_path / "cloze.jsonl", n_items=12, seed=1)),
+            "text_local": str(tmp_path / "text.jsonl")}
+    Path(data["text_local"]).write_text("".join(json.dumps({"text": " ".join(PROSE) * 2}) + "\n" for _ in range(2)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
+    os.environ["HF_DATASETS_CACHE"] = env["HF_DATASETS_CACHE"]
+    loaded = load_tasks(["cloze_local", "text_local"], data=data)
+    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=str(merged), device="cuda", batch_size=3, dtype="float32"),
+                                  tasks=list(loaded["tasks"].values()), bootstrap_iters=0)["results"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lightning_merge", "mode=evaluate", "demo.enabled=false",
+           f"checkpoints.sources=[{paths[0]},{paths[1]}]", "merge.weights=[0.3,0.7]",
+           f"data.heldout.path={data['text_local']}", "data.heldout.block_size=32", "data.heldout.num_blocks=4",
+           "data.search_blocks=2", "report.lmeval.tasks=[cloze_local,text_local]", "lmeval.batch_size=3",
+           *[f"lmeval.data.{k}={v}" for k, v in data.items()], f"strategy={strategy}", "strategy.accelerator=gpu",
+           "strategy.devices=1", f"output_dir={out}", "report.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (row,) = json.loads((out / "results.json").read_text())["lmeval"]["rows"]
+    got = row["metrics"]
+    for m in ("acc,none", "acc_norm,none"):
+        assert got["cloze_local"][m] == ref["cloze_local"][m]
+    assert got["text_local"]["word_perplexity,none"] == pytest.approx(ref["text_local"]["word_perplexity,none"],
+                                                                      rel=1e-4)
+
+
 def check(case: str, out: dict) -> None:
     """The assertions on one case's results (also used by the CPU dry run)."""
     name, _, precision, rel = CASES[case]
