@@ -171,18 +171,17 @@ class TextSetConf:
                  "give either a local `path` or a hub dataset `name`, not both")
 
 
+_MC_MOVED = ("the built-in multiple-choice scorer was replaced by lm-evaluation-harness, whose prompts are "
+             "lm-eval's own (subject descriptions, C-Eval/CMMLU's 答案：): use search.objective=lmeval "
+             "lmeval.task=mmlu_local lmeval.data.mmlu_local=PATH lmeval.metric=acc (ceval_local, cmmlu_local for "
+             "C-Eval/CMMLU folders; lmeval.num_fewshot=5; a cached hub dataset: lmeval.task=mmlu / ceval-valid / "
+             "cmmlu), or report.lmeval.tasks=[mmlu_local] to report it (README: lm-evaluation-harness tasks)")
+
+
 @dataclass
 class MCSetConf:
-    """One multiple-choice set (MMLU / C-Eval / CMMLU schema; off while both path and name are empty): a local file or folder (``path``) or a cached hub dataset (``name``).
-
-    ``path`` is a json/jsonl/csv/parquet file (it is the evaluated split; no
-    few-shot pool) or a folder whose splits are its files (``test.jsonl``,
-    ``dev.csv``) or subfolders of files (``val/*.csv``, the C-Eval and CMMLU
-    release layout, where each file's stem names the subject). ``name`` +
-    ``config_name`` load through ``datasets`` (offline from its cache).
-    ``max_items`` keeps that many evenly spaced items, so a subset of a
-    subject-sorted set still covers every subject.
-    """
+    """Retired: ``data.mc`` (the old multiple-choice scorer). Kept as a key only so that a command that sets it
+    is refused with the lm-eval options that replace it, not with an unknown-key error."""
 
     path: str = ""
     name: Optional[str] = None
@@ -195,18 +194,7 @@ class MCSetConf:
     continuation: str = "text"
 
     def __post_init__(self) -> None:
-        _require(not (self.path and self.name), "data.mc.path",
-                 "set either data.mc.path (local files) or data.mc.name (a hub dataset), not both")
-        _require(self.schema in ("auto", "mmlu", "ceval", "cmmlu"), "data.mc.schema",
-                 f"got {self.schema!r}; use auto, mmlu, ceval or cmmlu")
-        _require(self.continuation in ("text", "letter"), "data.mc.continuation",
-                 f"got {self.continuation!r}; use text (score ' ' + choice) or letter (score ' A')")
-        _require(bool(self.split), "data.mc.split", "must name a split, e.g. test or val")
-        _require(self.num_fewshot >= 0, "data.mc.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
-        _require(self.num_fewshot == 0 or bool(self.dev_split), "data.mc.dev_split",
-                 f"data.mc.num_fewshot={self.num_fewshot} takes its examples from a dev split; set one")
-        _require(self.max_items is None or self.max_items >= 1, "data.mc.max_items",
-                 f"must be >= 1 or null (all items), got {self.max_items}")
+        _require(not (self.path or self.name), "data.mc", _MC_MOVED)
 
 
 @dataclass
@@ -354,9 +342,9 @@ class SearchConf:
                  "negative weights need search.parameterization=constrained")
         _require(self.trials >= 2, "search.trials",
                  f"must be >= 2 (the two initial points), got {self.trials}")
-        _require(self.objective in ("heldout_loss", "mc_acc", "mc_acc_norm", "lmeval"), "search.objective",
-                 f"got {self.objective!r}; use heldout_loss, lmeval (lmeval.task and lmeval.metric), or "
-                 "mc_acc / mc_acc_norm (data.mc)")
+        _require(not self.objective.startswith("mc_acc"), "search.objective", _MC_MOVED)
+        _require(self.objective in ("heldout_loss", "lmeval"), "search.objective",
+                 f"got {self.objective!r}; use heldout_loss or lmeval (with lmeval.task and lmeval.metric)")
         _require(self.acquisition in ("ei", "pi", "ucb", "gp_hedge"), "search.acquisition",
                  f"got {self.acquisition!r}; use ei, pi, ucb or gp_hedge")
         _require(self.max_seconds is None or self.max_seconds > 0, "search.max_seconds",
@@ -576,9 +564,6 @@ class RunConfig:
                      "report.lmeval.tasks", f"the search's task {self.lmeval.task!r} is also reported: a merge chosen "
                      "on a split and reported on it overstates the gain. Report another task or split, or set "
                      "lmeval.allow_same_split=true")
-        elif self.search.objective != "heldout_loss":
-            _require(bool(self.data.mc.path or self.data.mc.name), "data.mc.path",
-                     f"search.objective={self.search.objective} needs a multiple-choice set (data.mc.path or name)")
         if self.mode in ("evaluate", "merge"):
             _require(self.merge.weights is not None or self.merge.recipe is not None, "merge.weights",
                      f"mode={self.mode} needs weights, e.g. merge.weights=[0.4,0.6] "

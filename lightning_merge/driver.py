@@ -381,12 +381,6 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
         search_blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
         ood_blocks = {name: load_blocks(c, tok, f"ood.{name}", cache_dir=cfg.cache_dir)
                       for name, c in cfg.data.ood.items()}
-        mc_data = None
-        if cfg.data.mc.path or cfg.data.mc.name:
-            from .multiple_choice import load_mc
-
-            mc_data = load_mc(cfg.data.mc, tok)
-            log.info("multiple choice: %d items", mc_data.num_items)
         lm_plan = None
         if cfg.search.objective == "lmeval" or cfg.report.lmeval.tasks:
             from .lmeval.run import prepare
@@ -421,8 +415,6 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
         res = {"heldout_loss": evaluator.evaluate(report_blocks).loss}
         res["heldout_ppl"] = math.exp(res["heldout_loss"])
         res["ood_loss"] = {n: evaluator.evaluate(b).loss for n, b in ood_blocks.items()}
-        if mc_data is not None:
-            res.update({f"mc_{k}": v for k, v in evaluator.evaluate_mc(mc_data).items()})
         if cfg.search.objective == "lmeval":
             res.update(lm_objective(weights)[1])
         return res
@@ -433,11 +425,7 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
         if cfg.search.objective == "heldout_loss":
             r = evaluator.evaluate(search_blocks)
             return r.loss, {"heldout_loss": r.loss, "tokens": r.tokens}
-        if cfg.search.objective == "lmeval":
-            return lm_objective(weights)
-        m = evaluator.evaluate_mc(mc_data)
-        key = cfg.search.objective[3:]  # acc | acc_norm
-        return 1.0 - m[key], {f"mc_{k}": v for k, v in m.items()}
+        return lm_objective(weights)  # search.objective=lmeval
 
     return Session(evaluator, full_eval, objective, search_blocks, preempt, scorer), checked
 
@@ -460,10 +448,6 @@ def _fingerprint(cfg: RunConfig, series: CheckpointSeries, space, search_blocks:
         lm = asdict(cfg.lmeval)
         fp["lmeval"] = {k: lm[k] for k in ("task", "metric", "limit", "num_fewshot", "seed", "data",
                                            "include_path", "add_bos_token", "max_gen_toks")}
-    elif cfg.search.objective != "heldout_loss":
-        from dataclasses import asdict
-
-        fp["data.mc"] = asdict(cfg.data.mc)
     return fp
 
 

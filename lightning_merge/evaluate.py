@@ -423,18 +423,6 @@ class Evaluator:
         self.eval_seconds += time.perf_counter() - t0 - self.merge_seconds - self.hook_seconds
         return collect(gathered, len(items))
 
-    def evaluate_mc(self, data) -> dict:
-        """Exact multiple-choice accuracy (acc, acc_norm) of the current parameters."""
-        from .multiple_choice import MultipleChoiceEval, evaluate_mc
-
-        if getattr(self, "_mc_module", None) is None:
-            self._mc_module = MultipleChoiceEval(self.module.model)
-        t0 = time.perf_counter()
-        self.merge_seconds = self.hook_seconds = 0.0
-        res = evaluate_mc(self.trainer, self._mc_module, data, self.batch_size)
-        self.eval_seconds += time.perf_counter() - t0 - self.merge_seconds - self.hook_seconds
-        return {"acc": res["acc"], "acc_norm": res["acc_norm"]}
-
     def evaluate(self, blocks: torch.Tensor) -> EvalResult:
         """Exact held-out loss of the model's current parameters on ``blocks``."""
         t0 = time.perf_counter()

@@ -192,7 +192,7 @@ class SearchLoop:
         """Every rank: each single checkpoint and each baseline, fully evaluated, as report candidates.
 
         ``names``: the checkpoint names, oldest first. Full evaluations (report
-        set, out-of-domain, multiple choice) are kept in ``candidates.jsonl`` so
+        set, out-of-domain, the lm-eval objective) are kept in ``candidates.jsonl`` so
         a resumed run does not repeat them.
         """
         k = len(names)
@@ -295,4 +295,4 @@ class SearchLoop:
 
 def _metrics(rec: dict) -> dict:
     """The metric fields of a ledger record (what the objective returned besides its value)."""
-    return {k: v for k, v in rec.items() if k in ("heldout_loss", "tokens") or k.startswith(("mc_", "lmeval_"))}
+    return {k: v for k, v in rec.items() if k in ("heldout_loss", "tokens") or k.startswith("lmeval_")}

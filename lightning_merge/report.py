@@ -49,9 +49,7 @@ def _objective_label(cfg) -> str:
         from .lmeval.run import objective_label
 
         return objective_label(cfg.lmeval) + " (1 - metric where higher is better)"
-    return {"heldout_loss": "held-out loss (search set, nats/token)",
-            "mc_acc": "1 - accuracy (multiple choice)",
-            "mc_acc_norm": "1 - acc_norm (multiple choice)"}.get(objective, objective)
+    return {"heldout_loss": "held-out loss (search set, nats/token)"}.get(objective, objective)
 
 
 def _lm_column(cfg) -> str | None:
@@ -152,10 +150,6 @@ def print_summary(results: dict, cfg, console=None) -> None:
     table.add_column("ppl", justify="right")
     for n in cfg.data.ood:
         table.add_column(f"{n} loss", justify="right")
-    has_mc = any("mc_acc" in c for c in cands) or "mc_acc" in results["best"]
-    if has_mc:
-        table.add_column("MC acc", justify="right")
-        table.add_column("acc_norm", justify="right")
     lm = _lm_column(cfg)
     if lm:
         table.add_column(lm, justify="right")
@@ -167,8 +161,6 @@ def print_summary(results: dict, cfg, console=None) -> None:
         table.add_row(c["name"], _w(c["weights"]), f"{c['heldout_loss']:.4f}",
                       f"{c.get('heldout_ppl', float('nan')):.2f}",
                       *[f"{c.get('ood_loss', {}).get(n, float('nan')):.4f}" for n in cfg.data.ood],
-                      *([f"{c.get('mc_acc', float('nan')):.4f}", f"{c.get('mc_acc_norm', float('nan')):.4f}"]
-                        if has_mc else []),
                       *([f"{c.get('lmeval_value', float('nan')):.4f}"] if lm else []),
                       gain, style=style)
     con = console or Console(width=max(Console().width, 120))

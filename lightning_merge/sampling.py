@@ -1,7 +1,7 @@
 """The sampler that splits held-out blocks across ranks: each block to exactly one rank.
 
-Its own module so that ``evaluate`` and ``multiple_choice`` both build on it
-without importing each other at load time. Pure: reads the rank from
+Its own module so that any evaluation can shard the same way without importing
+``evaluate`` (and its Lightning set-up). Pure: reads the rank from
 ``torch.distributed`` only when iteration starts.
 """
 

@@ -45,46 +45,23 @@ def reference_loss(merged_dir, heldout) -> float:
     return nll / n
 
 
-QUESTIONS = [("What does def start?", ["a function", "a loop", "a class", "an import"]),
-             ("Which keyword makes a class?", ["def", "class", "for", "import"]),
-             ("What does print do?", ["writes text", "reads a file", "sorts", "nothing"]),
-             ("range(10) yields", ["ten numbers", "a string", "a dict", "an error"]),
-             ("os.path.join builds", ["a path", "a list", "a number", "a thread"]),
-             ("x % 2 == 0 tests", ["evenness", "oddness", "primality", "sign"]),
-             ("The quick brown fox", ["jumps", "sleeps", "runs", "eats"])]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_run, tmp_path_factory, tokenizer):
-    """The single-process reference: write_merged, then plain transformers loops (loss and MC)."""
-    from transformers import AutoModelForCausalLM
-
-    from lightning_merge.multiple_choice import MCItem
-    from test_multiple_choice import mixed_answers, reference_counts, reference_lls
-
+    """The single-process reference: write_merged, then a plain transformers loop (the loss; lm-eval's
+    metrics under DDP are checked against lm-eval itself in test_lmeval_distributed.py)."""
     root = tmp_path_factory.mktemp("ref")
     out = root / "merged"
     write_merged(CheckpointSeries.from_sources(tiny_run["paths"]), WEIGHTS, out)
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    items = [MCItem(question=q, choices=c, answer=0, subject="python") for q, c in QUESTIONS]
-    lls = reference_lls(model, tokenizer, items)
-    items = mixed_answers(items, lls)  # so that neither count is 0 or all
-    acc, acc_norm = reference_counts(items, lls)
-    mc = root / "mmlu_test.jsonl"
-    mc.write_text("".join(json.dumps({"question": it.question, "choices": it.choices, "answer": it.answer,
-                                      "subject": it.subject}) + "\n" for it in items))
-    return {"loss": reference_loss(out, tiny_run["heldout"]), "mc": mc,
-            "acc": acc / len(items), "acc_norm": acc_norm / len(items)}
+    return {"loss": reference_loss(out, tiny_run["heldout"])}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_ddp_loss_and_accuracy_equal_single_process_reference(tiny_run, reference, tmp_path, world):
+def test_ddp_loss_equals_single_process_reference(tiny_run, reference, tmp_path, world):
     strategy = ["strategy=single"] if world == 1 else ["strategy=ddp", f"strategy.devices={world}"]
     args = [sys.executable, "-m", "lightning_merge", "mode=evaluate", "demo.enabled=false",
             f"checkpoints.sources=[{tiny_run['ckdir']}]", "checkpoints.last=null",
             f"merge.weights=[{','.join(map(str, WEIGHTS))}]", f"data.heldout.path={tiny_run['heldout']}",
             f"data.heldout.block_size={BLOCK}", f"data.heldout.num_blocks={NBLOCKS}", "data.batch_size=4",
-            f"data.mc.path={reference['mc']}", "data.mc.dev_split=null",
             f"output_dir={tmp_path}", *strategy]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -92,9 +69,6 @@ def test_ddp_loss_and_accuracy_equal_single_process_reference(tiny_run, referenc
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["best"]["weights"] == WEIGHTS
     assert res["best"]["heldout_loss"] == pytest.approx(reference["loss"], rel=1e-6)
-    assert 0 < reference["acc"] < 1 and 0 < reference["acc_norm"] < 1
-    assert res["best"]["mc_acc"] == pytest.approx(reference["acc"], abs=1e-12)
-    assert res["best"]["mc_acc_norm"] == pytest.approx(reference["acc_norm"], abs=1e-12)
 
 
 def test_bad_input_fails_on_rank_zero_before_any_process_group(tiny_run, tmp_path):

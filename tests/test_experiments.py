@@ -116,10 +116,18 @@ def test_baichuan7b_is_the_late_adjacent_pair_of_the_intermediate_checkpoints():
     assert cfg.data.mc.name is None and not cfg.data.mc.path and cfg.search.objective == "heldout_loss"
 
 
-def test_baichuan7b_mc_objective_as_documented():
-    cfg = _compose("+experiment=baichuan7b", "data.mc.name=ceval/ceval-exam", "data.mc.config_name=computer_network",
-                   "data.mc.split=val", "search.objective=mc_acc")
-    assert cfg.search.objective == "mc_acc" and cfg.data.mc.split == "val"
+def test_baichuan7b_lmeval_objective_as_documented():
+    cfg = _compose("+experiment=baichuan7b", "search.objective=lmeval", "lmeval.task=ceval_local",
+                   "lmeval.data.ceval_local=/data/ceval-exam", "lmeval.num_fewshot=5",
+                   "report.lmeval.tasks=[cmmlu_local,mmlu_local]")
+    assert cfg.search.objective == "lmeval" and cfg.lmeval.metric_key == "acc,none" and cfg.lmeval.num_fewshot == 5
+
+
+@pytest.mark.parametrize("override", ["data.mc.path=/data/ceval-exam", "search.objective=mc_acc",
+                                      "data.mc.name=cais/mmlu"])
+def test_the_retired_mc_scorer_is_refused_with_its_lmeval_replacement(override):
+    with pytest.raises(Exception, match=r"lmeval.task=mmlu_local lmeval.data.mmlu_local=PATH"):
+        _compose("+experiment=baichuan7b", override)
 
 
 @pytest.mark.parametrize("name", sorted(PYTHIA_SIZES))

@@ -163,8 +163,6 @@ def report_candidates(candidates: list[dict], objective: str, higher_is_better: 
     def rank(c: dict) -> float:
         if objective == "lmeval" and "lmeval_value" in c:
             return 1.0 - c["lmeval_value"] if higher_is_better else c["lmeval_value"]
-        if objective.startswith("mc_") and objective in c:
-            return 1.0 - c[objective]
         return c.get("heldout_loss", math.inf)
 
     singles = [c for c in candidates if c.get("kind") == "checkpoint"]
