@@ -222,7 +222,8 @@ class DataConf:
 class LMEvalConf:
     """lm-evaluation-harness on the resident merge (``lightning_merge/lmeval/``).
 
-    ``task`` and ``metric`` (lm-eval's ``metric,filter`` key; a bare ``acc`` means ``acc,none``) are
+    ``task``, ``metric`` and ``filter`` (lm-eval's results key is ``metric,filter``: ``acc`` + ``none``,
+    ``exact_match`` + ``strict-match``; on Hydra's command line a comma needs quotes, hence two keys) are
     the search objective with ``search.objective=lmeval``: minimised as ``1 - metric`` when lm-eval
     says higher is better, as the metric itself otherwise. ``limit`` (items per task; < 1: a
     fraction), ``num_fewshot`` (null: the task's own default) and ``seed`` (the few-shot sampler's,
@@ -236,7 +237,8 @@ class LMEvalConf:
     """
 
     task: Optional[str] = None
-    metric: str = "acc,none"
+    metric: str = "acc"
+    filter: str = "none"
     limit: Optional[float] = None
     num_fewshot: Optional[int] = None
     seed: int = 1234
@@ -256,12 +258,15 @@ class LMEvalConf:
         _require(self.max_gen_toks >= 1, "lmeval.max_gen_toks", f"must be >= 1, got {self.max_gen_toks}")
         _require(self.ngram >= 1, "lmeval.ngram", f"must be >= 1, got {self.ngram}")
         _require(bool(self.metric) and self.metric.count(",") <= 1, "lmeval.metric",
-                 f"got {self.metric!r}; use lm-eval's `metric,filter` key, e.g. acc,none or exact_match,strict-match")
+                 f"got {self.metric!r}; name the metric (acc, acc_norm, exact_match, word_perplexity) and its "
+                 "filter in lmeval.filter (none, strict-match, flexible-extract)")
+        _require(bool(self.filter) and "," not in self.filter, "lmeval.filter",
+                 f"got {self.filter!r}; one lm-eval filter name, e.g. none or strict-match")
 
     @property
     def metric_key(self) -> str:
-        """``metric,filter`` as lm-eval's results spell it."""
-        return self.metric if "," in self.metric else f"{self.metric},none"
+        """``metric,filter`` as lm-eval's results spell it (a quoted ``metric,filter`` in ``metric`` wins)."""
+        return self.metric if "," in self.metric else f"{self.metric},{self.filter}"
 
 
 @dataclass

@@ -404,7 +404,7 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
     lm_cache: dict[tuple, tuple[float, dict]] = {}
 
     def lm_objective(weights: list[float]) -> tuple[float, dict]:
-        key = tuple(float(w) for w in weights)
+        key = (evaluator.binding, *(float(w) for w in weights))  # a watch round rebinds to other sources
         if key not in lm_cache:  # a baseline's full evaluation reuses its trial's score
             evaluator.set_weights(weights)
             lm_cache[key] = scorer.objective()

@@ -288,6 +288,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.merger_factory = merger_factory
         self.merger = None
+        self.binding = 0  # counts rebind()s: results cached by weights are only valid within one binding
         self._pending: list[float] | None = None
         self._applied: list[float] | None = None
         self.merge_seconds = 0.0
@@ -352,6 +353,7 @@ class Evaluator:
         self.merger = None
         self.merger_factory = merger_factory
         self._applied = None
+        self.binding += 1
         import gc
 
         gc.collect()

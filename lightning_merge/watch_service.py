@@ -175,7 +175,7 @@ class Service:
             draw: list = []
             results = driver._search(rcfg, series, space, ev, s.full_eval, s.objective, rdir, Stages(), t0,
                                      s.preempt, s.search_blocks, quiet=True, deferred=draw,
-                                     trackers=self.trackers, step0=self.step0)
+                                     trackers=self.trackers, step0=self.step0, lmeval=s.lmeval)
             self._drawing += [self._drawer.submit(job) for job in draw]
         except ConfigError:
             raise  # the round's own state belongs to other settings: the service refuses (said with the option)
