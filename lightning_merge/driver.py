@@ -446,7 +446,7 @@ def _fingerprint(cfg: RunConfig, series: CheckpointSeries, space, search_blocks:
         from dataclasses import asdict
 
         lm = asdict(cfg.lmeval)
-        fp["lmeval"] = {k: lm[k] for k in ("task", "metric", "limit", "num_fewshot", "seed", "data",
+        fp["lmeval"] = {k: lm[k] for k in ("task", "metric", "filter", "limit", "num_fewshot", "seed", "data",
                                            "include_path", "add_bos_token", "max_gen_toks")}
     return fp
 
