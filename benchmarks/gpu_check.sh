@@ -43,7 +43,7 @@ for m in ("lightning", "deepspeed", "transformers", "torchmetrics", "lightning_m
 EOF
 
 section "tests/test_gpu.py"
-timeout 270 $PY -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+timeout 270 $PY -m pytest -q -rs -p no:cacheprovider -m 'slow or not slow' tests/test_gpu.py
 TESTS_RC=$?
 echo "tests exit status: $TESTS_RC"
 
