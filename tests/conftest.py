@@ -34,14 +34,14 @@ def make_tokenizer(vocab_size: int = 300):
 
 
 def make_llama(path: Path, seed: int, tokenizer, hidden: int = 32, layers: int = 2,
-               dtype: torch.dtype = torch.float32, **save_kwargs) -> Path:
+               dtype: torch.dtype = torch.float32, positions: int = 128, **save_kwargs) -> Path:
     """Save a random-init tiny Llama (and the tokenizer) as an HF folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, intermediate_size=2 * hidden,
-                      max_position_embeddings=128, tie_word_embeddings=False,
+                      max_position_embeddings=positions, tie_word_embeddings=False,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(path, **save_kwargs)

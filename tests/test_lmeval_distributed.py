@@ -51,16 +51,10 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def _model(path: Path, seed: int, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny Llama with 384 positions: room for GSM8K's 256 new tokens after a 128-token context."""
+    from conftest import make_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=384,
-                      tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_llama(path, seed=seed, tokenizer=tokenizer, positions=384)
 
 
 def _reference(merged: Path, data: dict, cache: Path, samples: bool = False):

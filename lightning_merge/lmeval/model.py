@@ -30,6 +30,7 @@ Nothing here knows ranks or Lightning: that is the runner's business.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,6 +51,7 @@ __all__ = ["Runner", "LocalRunner", "ScoreBatch", "GenerateBatch", "ResidentLM",
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM._DEFAULT_MAX_LENGTH: a config and tokenizer that name no length
+_MAX_ENCODED = 2_000_000  # token-id lists kept across evaluations (about two encodings per request)
 
 
 class Runner(Protocol):
@@ -178,6 +180,9 @@ class ResidentLM(TemplateLM):
         self.synced = synced
         self.show_progress = show_progress
         self.stats = {"forwards": 0, "rows": 0, "requests": 0, "generate_calls": 0}
+        # Every trial of a search asks for the same prompts: their token ids are kept (by a digest of the
+        # string), so a trial pays for its forwards, not for tokenizing the task again.
+        self._encoded: dict[bytes, list[int]] = {}
 
     # --- what lm-eval asks of a model ---------------------------------------------------------
     @property
@@ -211,10 +216,18 @@ class ResidentLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
         """HFLM.tok_encode: the tokenizer's default special tokens unless told, no BOS twice."""
-        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
-        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-            special["add_special_tokens"] = False
-        encoding = self.tokenizer.encode(string, **special)
+        key = hashlib.blake2b(string.encode("utf-8", "surrogatepass"), digest_size=20,
+                              person=b"spec" if add_special_tokens is None else b"bos%d" % add_special_tokens).digest()
+        cached = self._encoded.get(key)
+        if cached is None:
+            special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+            if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+                special["add_special_tokens"] = False
+            cached = self.tokenizer.encode(string, **special)
+            if len(self._encoded) >= _MAX_ENCODED:
+                self._encoded.clear()
+            self._encoded[key] = cached
+        encoding = list(cached)
         if left_truncate_len:
             encoding = encoding[-left_truncate_len:]
         return encoding

@@ -159,7 +159,8 @@ class Scorer:
 
 
 def report_candidates(candidates: list[dict], objective: str, higher_is_better: bool | None = None) -> list[dict]:
-    """Each checkpoint, the best baseline (by the search objective's own figure) and the best merge."""
+    """Each checkpoint, the best baseline and the best merge. The best baseline is ranked on the objective's
+    report figure: the held-out loss on the whole report set, or the lm-eval metric."""
     def rank(c: dict) -> float:
         if objective == "lmeval" and "lmeval_value" in c:
             return 1.0 - c["lmeval_value"] if higher_is_better else c["lmeval_value"]
