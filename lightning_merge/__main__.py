@@ -24,6 +24,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from .checkpoints import CheckpointError
     from .data import DataError
+    from .errors import DiskFullError, RankLostError
     from .merge import MergeError
     from .slurm import RequeueError
 
@@ -45,6 +46,14 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"lightning_merge: error: {e}", file=sys.stderr)
         sys.exit(3)
+    except RankLostError as e:  # another rank died or hung; the state on disk is whole (docs/reliability.md)
+        log.error("%s", e)
+        print(f"lightning_merge: error: {e}", file=sys.stderr)
+        sys.exit(4)
+    except DiskFullError as e:
+        log.error("%s", e)
+        print(f"lightning_merge: error: {e}", file=sys.stderr)
+        sys.exit(5)
 
 
 def _record_once_accepted(output_dir: str, cfg: DictConfig):

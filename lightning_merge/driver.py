@@ -10,6 +10,7 @@ Nothing is re-read from disk per trial and the Trainer is built once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from .checkpoints import CheckpointError
+from .errors import DiskFullError, disk_full
 from .series import CheckpointSeries
 from .config import ConfigError, RunConfig
 from .data import evenly_spaced, load_blocks
@@ -638,8 +640,14 @@ def _write(cfg: RunConfig, series: CheckpointSeries, weights, out: Path, metric:
         from .write_source import write_source
 
         fmt = series.source_format  # checked when the series was opened (run)
-        own = write_source(series, list(weights), out / f"merged_{fmt.name}", optimizer=cfg.merge.optimizer,
-                           normalize=cfg.merge.normalize, nonfloat=cfg.merge.nonfloat, metadata=metric)
+        dest = out / f"merged_{fmt.name}"
+        try:
+            own = write_source(series, list(weights), dest, optimizer=cfg.merge.optimizer,
+                               normalize=cfg.merge.normalize, nonfloat=cfg.merge.nonfloat, metadata=metric)
+        except OSError as e:
+            if e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):
+                raise disk_full(dest, None, f"the merged {fmt.name} checkpoint") from e
+            raise
         log.info("merged %s checkpoint written to %s", fmt.name, own)
     if cfg.merge.format in ("hf", "both"):
         dtype = getattr(torch, cfg.merge.dtype) if cfg.merge.dtype else None

@@ -11,12 +11,15 @@ directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import disk_full
 
 __all__ = [
     "atomic_write_text",
@@ -60,9 +63,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; publish with normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise disk_full(path, len(text.encode("utf-8")), path.name) from e
         raise
     fsync_dir(path.parent)
     return path
@@ -115,10 +120,22 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=False) + "\n"
     _cut_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:  # one write call: a kill leaves at most one torn line
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            with contextlib.suppress(OSError):  # no half line left behind: the file is as it was
+                os.ftruncate(fd, start)
+            raise disk_full(path, len(data), f"a line of {path.name}") from e
+    finally:
+        os.close(fd)
 
 
 def _cut_torn_tail(path: Path) -> None:

@@ -17,6 +17,7 @@ Pure: nothing here knows about ranks, Lightning or Hydra.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .series import CheckpointSeries
+from .errors import CheckpointError, DiskFullError, SourceReadError, disk_full
 from .io import atomic_write_text, publishing_dir
 
 __all__ = ["MergeError", "check_weights", "merge_into", "weight_sum_warning", "write_merged"]
@@ -303,9 +305,17 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
                series.newest.tensors[n].dtype).element_size() for n in names)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out_dir.parent).free
-    if free < need * 1.02 + (1 << 20):
-        raise OSError(f"not enough free disk space in {out_dir.parent} to write the merged model: "
-                      f"need {need} bytes, {free} bytes free")
+    if free < need * 1.02 + (1 << 20):  # refused before a byte is written
+        raise disk_full(out_dir, int(need * 1.02) + (1 << 20), "the merged model")
+    try:
+        return _write_merged(series, w, out_dir, names, shards, need, dtype, nonfloat, metadata, extra_files)
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):  # the disk filled up meanwhile
+            raise disk_full(out_dir, int(need * 1.02) + (1 << 20), "the merged model") from e
+        raise
+
+
+def _write_merged(series, w, out_dir, names, shards, need, dtype, nonfloat, metadata, extra_files) -> Path:
     total = len(shards)
     weight_map: dict[str, str] = {}
     with publishing_dir(out_dir) as tmp:
@@ -314,7 +324,7 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
             layout = [(n, tuple(series.newest.tensors[n].shape), _out_dtype(series, n, dtype)) for n in shard]
             with _ShardWriter(tmp / fname, layout) as writer:
                 for n, shape, out_dtype in layout:
-                    srcs = [ck.read(n) for ck in series.checkpoints]
+                    srcs = [_read(ck, n) for ck in series.checkpoints]
                     out = torch.empty(shape, dtype=out_dtype)
                     merge_into({n: out}, [{n: t} for t in srcs], w, nonfloat=nonfloat)
                     del srcs
@@ -339,6 +349,19 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
         for fn, text in (extra_files or {}).items():
             atomic_write_text(tmp / fn, text)
     return out_dir
+
+
+def _read(ck, name: str) -> torch.Tensor:
+    """``ck.read(name)``; a failure (a source damaged or changed since it was opened) names the file."""
+    try:
+        return ck.read(name)
+    except CheckpointError as e:
+        raise SourceReadError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - any reader's error: the bytes are not what the header said
+        raise SourceReadError(
+            f"{ck.path}: reading tensor {name!r} failed ({type(e).__name__}: {e}). Its metadata was read when "
+            f"the run started, so the file was damaged, truncated or replaced since; nothing was written. "
+            f"Restore the checkpoint (or drop it from checkpoints.sources) and run the same command again") from e
 
 
 def _recipe_yaml(series: CheckpointSeries, weights: list[float], normalize: bool, nonfloat: str,

@@ -40,6 +40,7 @@ Knows nothing of Lightning or ranks: the driver calls it on rank 0 only.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import SearchConf
+from .errors import DiskFullError, disk_full
 from .ledger import OBJECTIVE, Ledger
 
 __all__ = ["Proposal", "AxSearch", "OBJECTIVE"]
@@ -398,7 +400,11 @@ def _save_client(client, path: Path) -> None:
         client.save_to_json_file(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):
+            # The ledger line of the trial is already on disk; a resume rebuilds Ax from the ledger.
+            raise disk_full(path, None if size is None else max(size, 1) * 2, "the Ax snapshot") from e
         raise
