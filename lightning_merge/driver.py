@@ -272,7 +272,15 @@ def run(cfg: RunConfig, on_accepted: Callable[[], None] | None = None) -> dict:
 
     ``on_accepted`` is called once the run's checks have passed (the CLI writes Hydra's record then,
     see record.py), never for a refused run.
+    Global rank 0 holds the run folder's lock for the run's life (runlock.py): a second run is refused at once.
     """
+    from .runlock import RunLock
+
+    with RunLock(cfg.output_dir) if launched_rank() == 0 else contextlib.nullcontext():  # other ranks: never
+        return _run(cfg, on_accepted)
+
+
+def _run(cfg: RunConfig, on_accepted: Callable[[], None] | None) -> dict:
     from . import report
 
     if launched_rank() != 0:  # one voice: only rank 0 logs progress
