@@ -24,6 +24,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .errors import DiskFullError, disk_full
+from .rankwatch import guard
 from .series import CheckpointSeries
 from .config import ConfigError, RunConfig
 from .data import evenly_spaced, load_blocks
@@ -324,6 +325,15 @@ def _run(cfg: RunConfig, on_accepted: Callable[[], None] | None) -> dict:
         return _prepare_search(cfg, series, search_blocks, out) if cfg.mode == "search" else None
 
     session, space = _session(cfg, series, stages, check, on_accepted)
+    with guard(lambda: session.evaluator.watch, cfg.strategy.timeout_s):  # a lost rank: RankLostError
+        return _run_session(cfg, series, space, session, out, stages, t_start)
+
+
+def _run_session(cfg: RunConfig, series: CheckpointSeries, space, session: "Session", out: Path, stages: Stages,
+                 t_start: float) -> dict:
+    """``mode=evaluate`` or ``mode=search`` on a session that is set up."""
+    from . import report
+
     evaluator, full_eval, objective, preempt = session.evaluator, session.full_eval, session.objective, \
         session.preempt
     search_blocks = session.search_blocks

@@ -288,6 +288,8 @@ class Evaluator:
         self.batch_size = batch_size
         self.merger_factory = merger_factory
         self.merger = None
+        self.conf = conf
+        self.watch = None  # rankwatch.RankWatch, once the ranks are connected
         self.binding = 0  # counts rebind()s: results cached by weights are only valid within one binding
         self._pending: list[float] | None = None
         self._applied: list[float] | None = None
@@ -316,13 +318,43 @@ class Evaluator:
         self.merge_seconds = 0.0
 
     def _merge_pending(self) -> None:
+        attempted = self._pending is not None and self._pending != self._applied  # the same on every rank
+        error: Exception | None = None
         try:
             self._merge_now()
+        except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised on every rank
+            error = e
         finally:
             t0 = time.perf_counter()
             if self.on_merged is not None:
                 self.on_merged()
             self.hook_seconds = time.perf_counter() - t0
+        if attempted and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            self._agree_on_merge(error)
+        elif error is not None:
+            raise error
+
+    def _agree_on_merge(self, error: Exception | None) -> None:
+        """Every rank raises the same error if any rank's merge failed (one small vote per merge).
+
+        Without it a rank whose source slice failed to read would leave the merge while the others
+        went on to evaluate: their next collectives would not match, and the job would hang until
+        the timeout, or pair the wrong tensors. A source read error (``SourceReadError``) stays one on
+        every rank, so the search stops on all of them; anything else fails the trial on all.
+        """
+        from .errors import SourceReadError
+
+        if not self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            return
+        mine = None if error is None else (type(error).__name__, isinstance(error, SourceReadError), str(error))
+        every: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(every, mine)
+        rank, (kind, is_read, msg) = next((r, e) for r, e in enumerate(every) if e is not None)
+        if error is not None and self.trainer.global_rank == rank:
+            raise error  # the first failing rank keeps its own exception (and traceback)
+        if is_read:
+            raise SourceReadError(msg)
+        raise RuntimeError(f"the merge failed on rank {rank}: {kind}: {msg}")
 
     def _merge_now(self) -> None:
         if self._pending is None or self._pending == self._applied:
@@ -372,6 +404,26 @@ class Evaluator:
         """
         self.set_weights(weights)
         self.evaluate(blocks[: max(1, self.trainer.world_size)])
+        if self.watch is None:
+            self.watch = self.rank_watch()
+
+    def rank_watch(self):
+        """Every rank's host and pid (one gather), and the ranks this process launched (rankwatch.py)."""
+        import os
+        import socket
+
+        from .rankwatch import RankWatch
+
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        me = (socket.gethostname(), os.getpid())
+        roster = [me]
+        if world > 1 and torch.distributed.is_initialized():
+            roster = [None] * world
+            torch.distributed.all_gather_object(roster, me)
+        procs = list(getattr(getattr(self.trainer.strategy, "launcher", None), "procs", None) or [])
+        per_node = len(procs) + 1
+        children = {self.trainer.node_rank * per_node + i + 1: p for i, p in enumerate(procs)}
+        return RankWatch(rank, [tuple(r) for r in roster], children, timeout_s=self.conf.timeout_s).start()
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any (e.g. a preemption signal that reached one node)."""

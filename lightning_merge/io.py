@@ -28,6 +28,7 @@ __all__ = [
     "append_jsonl",
     "read_jsonl",
     "fsync_dir",
+    "cut_torn_tail",
 ]
 
 
@@ -119,7 +120,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=False) + "\n"
-    _cut_torn_tail(path)
+    cut_torn_tail(path)
     data = line.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
@@ -138,7 +139,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.close(fd)
 
 
-def _cut_torn_tail(path: Path) -> None:
+def cut_torn_tail(path: Path) -> None:
     """Truncate an unterminated last line (a kill mid-write) back to the last newline."""
     try:
         size = path.stat().st_size

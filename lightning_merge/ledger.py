@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
-from .io import append_jsonl, atomic_write_json
+from .io import append_jsonl, atomic_write_json, cut_torn_tail
 
 __all__ = ["Ledger", "OBJECTIVE", "check_fingerprint", "archive_previous"]
 
@@ -68,6 +69,7 @@ class Ledger:
                 conflicts.append((idx, problem))
             lines.setdefault(idx, []).append((n, rec))
             led.records[idx] = rec
+        _warn_torn(led)
         if conflicts:
             idx, problem = conflicts[0]
             others = f"; {len(conflicts)} trials in all (" + ", ".join(str(i) for i, _ in conflicts[:8]) + \
@@ -115,6 +117,33 @@ def _numbered(path: Path):
                 return  # torn tail from a kill mid-write
             raise ConfigError(f"{path}: line {i} is not valid JSON ({line[:80]!r}); add search.restart=true to "
                               "set this ledger aside and start afresh") from None
+
+
+def _warn_torn(led: "Ledger") -> None:
+    """Say what a torn last line (a crash in the middle of its write) was, and what becomes of its trial."""
+    try:
+        with open(led.path, "rb") as fh:
+            fh.seek(max(0, led.path.stat().st_size - (1 << 16)))
+            tail = fh.read().rsplit(b"\n", 1)[-1]
+    except FileNotFoundError:
+        return
+    if not tail.strip():
+        return
+    text = tail.decode("utf-8", "replace")
+    m = re.search(r'"trial":\s*(\d+)', text)
+    idx = int(m.group(1)) if m else None
+    status = led.records[idx]["status"] if idx in led.records else None
+    if idx is None:
+        fate = "no trial can be told from it"
+    elif status == "running":
+        fate = f"trial {idx} is left `running`, so it is marked failed and its point is evaluated again"
+    elif status is None:
+        fate = f"trial {idx} has no whole line, so it never started as far as the search knows"
+    else:
+        fate = f"trial {idx} keeps its whole `{status}` line"
+    log.warning("%s: the last line is torn (the process died while writing it) and is dropped: %d bytes, %r; "
+                "%s", led.path, len(tail), text[:80] + ("..." if len(text) > 80 else ""), fate)
+    cut_torn_tail(led.path)  # said once; the run folder has one writer (runlock.py)
 
 
 def _conflict(earlier: list[tuple[int, dict]], n: int, rec: dict) -> str | None:

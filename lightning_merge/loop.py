@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .baselines import greedy_soup, schedules
+from .errors import SourceReadError
 from .io import append_jsonl, read_jsonl
 from .ledger import OBJECTIVE, Ledger
+from .rankwatch import is_comm_failure
 
 __all__ = ["SearchLoop"]
 
@@ -121,6 +123,8 @@ class SearchLoop:
         try:
             value, metrics, reused = self._objective_shared(msg["weights"], msg.get("reuse"))
         except (FloatingPointError, ValueError, RuntimeError) as e:
+            if is_comm_failure(e):  # a rank is gone, not a bad trial: the run stops (rankwatch.guard)
+                raise
             self._failures += 1
             if self.is_zero:
                 log.warning("trial %d failed: %s", msg["index"], e)
@@ -129,6 +133,8 @@ class SearchLoop:
                                    "params": msg["params"], "origin": msg["origin"], **dedup, **state, "reason": str(e),
                                    "seconds": time.perf_counter() - t0})
                 self.search.save(self.out / "ax_snapshot.json")
+            if isinstance(e, SourceReadError):  # every later merge would read the same bytes: stop here
+                raise
             return None
         self._failures = 0
         if not self.is_zero:
@@ -183,6 +189,8 @@ class SearchLoop:
             try:
                 return self._objective_shared(weights, msg["reuse"])[0]
             except (FloatingPointError, ValueError, RuntimeError) as e:
+                if is_comm_failure(e) or isinstance(e, SourceReadError):
+                    raise
                 log.warning("baseline %s failed: %s", origin, e)
                 return None
         return self._run_trial(msg)  # the same on every rank: the objective is all-reduced

@@ -45,6 +45,7 @@ handler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -186,6 +187,8 @@ def render_sbatch(nodes: int, gpus_per_node: int, partition: str | None = None, 
 class Preemption:
     """A flag set by SIGUSR2 (time limit near) or SIGTERM (preemption); nothing else happens.
 
+    A second signal (an impatient user, a scheduler's follow-up) ends the process at once.
+
     ``install()`` saves the current handlers and installs ours; calling it again
     takes the signals back (from Lightning, see the module docstring) without
     losing the saved ones. ``restore()`` puts the saved handlers back. Usable as a
@@ -203,6 +206,15 @@ class Preemption:
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self._signum is None:
             self._signum = signum
+            # A second signal ends the process at once: the OS default action (terminate), which
+            # acts even while Python waits inside a long forward or a collective. The state on
+            # disk stays whole: ledger lines are single fsync'd writes (a torn last line is
+            # dropped on resume) and every other file is published by rename.
+            self._to_default()
+            with contextlib.suppress(OSError):  # os.write: no locks or buffers inside a handler
+                os.write(2, (f"lightning_merge: {signal.Signals(signum).name} received: the trial in flight "
+                             f"finishes, then the state is saved (pid {os.getpid()}). Send it again to stop at "
+                             f"once; that trial is then re-run on resume.\n").encode())
 
     def install(self) -> Preemption:
         """Install (or re-install) the flag handlers; main thread only, as Python requires."""
@@ -212,10 +224,16 @@ class Preemption:
         for s in self.signals:
             if not self._installed:
                 self._saved[s] = signal.getsignal(s)
-            if signal.getsignal(s) != self._handler:
+            if self._signum is None and signal.getsignal(s) != self._handler:
                 signal.signal(s, self._handler)
+        if self._signum is not None:  # already signalled: a second signal must still end the process at once
+            self._to_default()
         self._installed = True
         return self
+
+    def _to_default(self) -> None:
+        for s in self.signals:
+            signal.signal(s, signal.SIG_DFL)
 
     def restore(self) -> None:
         """Put back the handlers found by the first ``install()`` (no-op if not installed)."""

@@ -26,6 +26,8 @@ from .config import ConfigError, RunConfig
 from .errors import CheckpointError
 from .formatting import _gain
 from .loop import _fault_point
+from .errors import DiskFullError
+from .rankwatch import guard, is_comm_failure
 from .slurm import Preemption, requeue
 from .watch import Watcher, _cleanup_merged, _missing, _now, check_service, publish_link, round_config
 
@@ -101,10 +103,12 @@ class Service:
             ev = self.session.evaluator
             # Start every rank and the process group without merging (the rounds bind their checkpoints).
             ev.evaluate(self.session.search_blocks[: max(1, ev.trainer.world_size)])
+            ev.watch = ev.watch or ev.rank_watch()
             if ev.is_global_zero:
                 with self.stages("search warm-up"):  # Ax and BoTorch's one-off imports and first fit: not a round's
                     _warm_up_search(self.cfg)
-            return self._loop(ev)
+            with guard(lambda: ev.watch, self.cfg.strategy.timeout_s):  # a lost rank: RankLostError
+                return self._loop(ev)
         finally:
             self.preempt.restore()
             self._drawer.shutdown(wait=True)
@@ -180,6 +184,8 @@ class Service:
         except ConfigError:
             raise  # the round's own state belongs to other settings: the service refuses (said with the option)
         except (CheckpointError, MergeError, OSError, RuntimeError, ValueError, KeyError) as e:
+            if is_comm_failure(e) or isinstance(e, DiskFullError):  # not this round's fault: the service stops
+                raise
             failed = f"{type(e).__name__}: {e}"
         if results is not None and results.get("status") == "preempted":
             return "preempted"

@@ -217,12 +217,42 @@ def test_preemption_keeps_the_first_signal_and_reinstall_keeps_the_saved_handler
     p = Preemption().install()
     signal.signal(signal.SIGTERM, other)
     p.install()  # takes SIGTERM back
+    assert signal.getsignal(signal.SIGTERM) == p._handler
     os.kill(os.getpid(), signal.SIGUSR2)
-    os.kill(os.getpid(), signal.SIGTERM)
     assert _wait(lambda: p.requested) and p.signal_name == "SIGUSR2"
+    # Once signalled, a second signal must end the process at once: the OS default, kept on re-install.
+    assert all(signal.getsignal(s) == signal.SIG_DFL for s in Preemption.SIGNALS)
+    signal.signal(signal.SIGTERM, other)
+    p.install()
+    assert all(signal.getsignal(s) == signal.SIG_DFL for s in Preemption.SIGNALS)
     p.restore()
     assert signal.getsignal(signal.SIGTERM) == original  # not `other`
     p.restore()  # idempotent
+
+
+_TWICE = """
+import os, signal, sys, time
+from lightning_merge.slurm import Preemption
+p = Preemption().install()
+os.kill(os.getpid(), signal.SIGTERM)
+while not p.requested:
+    time.sleep(0.001)
+print("flag set", flush=True)
+t = time.monotonic()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("still alive after", time.monotonic() - t, flush=True)
+"""
+
+
+def test_a_second_signal_ends_the_process_at_once():
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _TWICE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr)
+    assert "flag set" in proc.stdout and "still alive" not in proc.stdout
+    assert "SIGTERM received: the trial in flight finishes" in proc.stderr
+    assert "Send it again to stop at once" in proc.stderr
+    assert time.monotonic() - t0 < 30  # the interpreter's start-up; not the 5 s sleep after the second signal
 
 
 def test_preemption_install_refuses_other_threads():
