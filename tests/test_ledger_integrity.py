@@ -2,8 +2,11 @@
 
 The mixed ledgers are made for real: two ``SearchLoop`` runs (real Ax, real
 ledger writes) started on one empty run folder and run at the same time, and
-(slow) two CLI processes on one ``output_dir``. The precise cases are
-hand-written, each beside the legitimate history it differs from.
+(slow) two CLI processes on one ``output_dir`` with the run-folder lock turned
+off (``LIGHTNING_MERGE_NO_LOCK=1``, as on a filesystem without locks). With the
+lock (runlock.py), the second CLI process is refused at once; this check stays
+as the defence in depth. The precise cases are hand-written, each beside the
+legitimate history it differs from.
 """
 
 from __future__ import annotations
@@ -124,30 +127,54 @@ def test_two_search_runs_on_one_folder_make_a_ledger_resume_refuses(tmp_path, se
         Ledger.open(tmp_path / "trials.jsonl")
 
 
-@pytest.mark.slow
-def test_two_cli_runs_on_one_output_dir_and_the_resume_is_refused(tiny_run, tmp_path):
-    """Two real processes on one output_dir (other seeds), in parallel; a third run must refuse to resume."""
+def _cli(tiny_run, out, *extra):
+    return [sys.executable, "-m", "lightning_merge", f"checkpoints.sources=[{tiny_run['ckdir']}]",
+            "checkpoints.last=2", f"data.heldout.path={tiny_run['heldout']}", "data.heldout.block_size=32",
+            "data.heldout.num_blocks=8", "data.search_blocks=4", "data.batch_size=4", "demo.enabled=false",
+            "search.trials=4", "report.progress=false", "merge.write=false", f"output_dir={out}", *extra]
+
+
+def _cli_env(**extra):
     import os
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "LIGHTNING_MERGE_NO_LOCK"}
+    return dict(env, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
+
+
+@pytest.mark.slow
+def test_two_cli_runs_on_one_output_dir_and_the_second_is_refused_by_the_lock(tiny_run, tmp_path):
+    """Two real processes started at once on one output_dir (other seeds): one runs, the other is refused."""
     out = tmp_path / "run"
+    procs = [subprocess.Popen(_cli(tiny_run, out, f"seed={s}", f"search.seed={s}"), env=_cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for s in (0, 1)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], [e[-2000:] for e in errs]
+    winner, loser = procs[codes.index(0)], errs[codes.index(2)]
+    assert f"lightning_merge: error: output_dir {out} is in use by another run: pid {winner.pid}" in loser, loser
+    led = Ledger.open(out / "trials.jsonl")  # one writer: a ledger that resumes, each trial once
+    assert len(led.search_trials()) == 4 and all(r["status"] != "running" for r in led.records.values())
+    again = subprocess.run(_cli(tiny_run, out), env=_cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
 
-    def cmd(*extra):
-        return [sys.executable, "-m", "lightning_merge", f"checkpoints.sources=[{tiny_run['ckdir']}]",
-                "checkpoints.last=2", f"data.heldout.path={tiny_run['heldout']}", "data.heldout.block_size=32",
-                "data.heldout.num_blocks=8", "data.search_blocks=4", "data.batch_size=4", "demo.enabled=false",
-                "search.trials=4", "report.progress=false", "merge.write=false", f"output_dir={out}", *extra]
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(cmd(f"seed={s}", f"search.seed={s}"), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for s in (0, 1)]
+@pytest.mark.slow
+def test_two_cli_runs_without_the_lock_and_the_resume_is_refused(tiny_run, tmp_path):
+    """With the lock turned off (a filesystem without locks), two real processes on one output_dir both run;
+    the ledger check refuses the third run's resume."""
+    out = tmp_path / "run"
+    env = _cli_env(LIGHTNING_MERGE_NO_LOCK="1")
+    procs = [subprocess.Popen(_cli(tiny_run, out, f"seed={s}", f"search.seed={s}"), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for s in (0, 1)]
     for p in procs:
         _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-2000:]  # today both succeed: the lock is the cluster issue's
-    again = subprocess.run(cmd(), env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, err[-2000:]  # without the lock nothing stops the second writer
+    again = subprocess.run(_cli(tiny_run, out), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2, again.stderr[-2000:]
     assert "trials.jsonl: trial" in again.stderr and "has two different records" in again.stderr
     assert "two processes most likely wrote this run folder" in again.stderr
-    fresh = subprocess.run(cmd("search.restart=true"), env=env, capture_output=True, text=True, timeout=600)
+    fresh = subprocess.run(_cli(tiny_run, out, "search.restart=true"), env=env, capture_output=True, text=True,
+                           timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert (out / "previous" / "0" / "trials.jsonl").exists()
 
