@@ -23,11 +23,12 @@ process's life. Why POSIX ``lockf`` and not ``flock``:
   open file description, which a forked child shares.
 - Its price: a process loses its POSIX lock when it closes *any* descriptor of
   the file. So this module never opens the lock file twice in one process (a
-  registry refuses a second :class:`RunLock` on a folder this process holds
-  before opening anything), the holder's identity lives in another file, and
-  nothing else opens the lock file (its name starts with a dot; the tool's
-  folder scans skip those). The descriptor is close-on-exec (Python's default),
-  so exec'd children (Lightning's DDP launcher, ``subprocess``) never hold it.
+  registry of held lock files by device and inode, found with ``stat``, refuses
+  a second :class:`RunLock` by any path before opening anything), the holder's
+  identity lives in another file, and nothing else opens the lock file (its
+  name starts with a dot; the tool's folder scans skip those). The descriptor
+  is close-on-exec (Python's default), so exec'd children (Lightning's DDP
+  launcher, ``subprocess``) never hold it.
 
 A SIGKILLed holder's lock is released by the kernel; a lost NFS client's by the
 server when its lease expires (about 90 s on NFSv4). No PID guessing is needed
@@ -89,7 +90,7 @@ WAIT_S = 120.0
 POLL_S = 0.25
 _BUSY = {errno.EACCES, errno.EAGAIN}
 _NO_SUPPORT = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
-_held: dict[str, "RunLock"] = {}  # lock file (real path) -> its holder in this process
+_held: dict[tuple[int, int], "RunLock"] = {}  # lock file (device, inode) -> its holder in this process
 _held_guard = threading.Lock()
 
 
@@ -131,7 +132,7 @@ class RunLock:
         self.holder: dict | None = None  # this process's identity while it holds the lock
         self._fd: int | None = None
         self._pid: int | None = None
-        self._key: str | None = None
+        self._key: tuple[int, int] | None = None
 
     @property
     def locked(self) -> bool:
@@ -149,7 +150,7 @@ class RunLock:
                         "at the next resume)", NO_LOCK_ENV, self.folder)
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        key = os.path.realpath(self.path)
+        key = _file_key(self.path)
         with _held_guard:  # checked before any open: closing a second descriptor would drop this process's lock
             if key in _held:
                 raise ConfigError(f"output_dir {self.folder} is already in use by this process (pid {os.getpid()}): "
@@ -212,6 +213,16 @@ class RunLock:
             with _held_guard:
                 _held.pop(self._key, None)
         os.close(fd)  # the kernel drops this process's POSIX lock with it
+
+
+def _file_key(path: Path) -> tuple[int, int]:
+    """The lock file's (device, inode), found without opening a file this process may hold (any path to it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o666))  # a new file: no lock of ours on it to lose
+        st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _read_settled(folder: Path) -> dict | None:

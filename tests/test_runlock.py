@@ -210,8 +210,10 @@ def test_another_job_or_a_sibling_step_is_refused_at_once(tmp_path, other):
 
 def test_the_same_process_cannot_lock_a_folder_twice_and_keeps_its_lock(tmp_path):
     with RunLock(tmp_path):
-        with pytest.raises(ConfigError, match=rf"already in use by this process \(pid {os.getpid()}\)"):
-            RunLock(tmp_path / "." / "").acquire()
+        (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)  # another path to the same lock file
+        for other in (tmp_path, tmp_path.parent / f"{tmp_path.name}-link"):
+            with pytest.raises(ConfigError, match=rf"already in use by this process \(pid {os.getpid()}\)"):
+                RunLock(other).acquire()
         res, _ = attempt(tmp_path)  # the refused second RunLock opened nothing, so the lock is still held
         assert not res["ok"] and f"pid {os.getpid()}" in res["error"]
     with RunLock(tmp_path) as again:  # released: free again, for this process too
