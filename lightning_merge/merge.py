@@ -308,14 +308,15 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
     if free < need * 1.02 + (1 << 20):  # refused before a byte is written
         raise disk_full(out_dir, int(need * 1.02) + (1 << 20), "the merged model")
     try:
-        return _write_merged(series, w, out_dir, names, shards, need, dtype, nonfloat, metadata, extra_files)
+        return _write_merged(series, w, out_dir, shards, need, dtype, bool(normalize), nonfloat, metadata,
+                             extra_files)
     except OSError as e:
         if e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):  # the disk filled up meanwhile
             raise disk_full(out_dir, int(need * 1.02) + (1 << 20), "the merged model") from e
         raise
 
 
-def _write_merged(series, w, out_dir, names, shards, need, dtype, nonfloat, metadata, extra_files) -> Path:
+def _write_merged(series, w, out_dir, shards, need, dtype, normalize, nonfloat, metadata, extra_files) -> Path:
     total = len(shards)
     weight_map: dict[str, str] = {}
     with publishing_dir(out_dir) as tmp:

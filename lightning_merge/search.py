@@ -339,7 +339,14 @@ class AxSearch:
                 client = Client.load_from_json_file(str(snapshot))
                 df = client.summarize()
                 status = {int(i): str(st) for i, st in zip(df["trial_index"], df["trial_status"])} if len(df) else {}
-                s.client = client
+                ahead = [i for i, r in ledger.records.items()
+                         if status.get(i) in ("COMPLETED", "FAILED", "ABANDONED") and r["status"] == "running"]
+                if ahead:  # the ledger wins, and Ax cannot take a result back: rebuild it from the ledger
+                    log.warning("%s has a result for trial(s) %s that %s holds as running (a torn or lost ledger "
+                                "line); rebuilding the Ax experiment from the ledger", snapshot, ahead, ledger.path)
+                    status = {}
+                else:
+                    s.client = client
             except Exception as e:  # noqa: BLE001 - a stale snapshot only costs the Ax generator's memory
                 log.warning("could not load %s (%s); rebuilding the Ax experiment from %s", snapshot, e, ledger.path)
                 status = {}
