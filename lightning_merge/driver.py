@@ -24,6 +24,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .errors import DiskFullError, disk_full
+from .io import sweep_leftovers
 from .rankwatch import guard
 from .series import CheckpointSeries
 from .config import ConfigError, RunConfig
@@ -291,6 +292,9 @@ def _run(cfg: RunConfig, on_accepted: Callable[[], None] | None) -> dict:
     _seed_everything(cfg.seed, cfg.threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if launched_rank() == 0 and (gone := sweep_leftovers(out)):  # under the lock: nobody else writes here
+        log.warning("removed %d leftover(s) of an interrupted write in %s: %s", len(gone), out,
+                    ", ".join(str(p.relative_to(out)) for p in gone[:5]) + (" ..." if len(gone) > 5 else ""))
     if cfg.merge.recipe:  # first: a recipe names its sources, so the embedded demo is not needed
         cfg = _apply_recipe(cfg)
     if cfg.mode in ("merge", "evaluate") and (note := weight_sum_warning(cfg.merge.weights, cfg.merge.normalize)):

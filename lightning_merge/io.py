@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "read_jsonl",
     "fsync_dir",
     "cut_torn_tail",
+    "sweep_leftovers",
 ]
 
 
@@ -185,3 +187,32 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break  # torn tail from a kill mid-write
             raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}") from None
     return out
+
+
+_LEFTOVER = re.compile(r"^\..+(\.tmp|\.partial|\.old-\d+)$")
+
+
+def sweep_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted atomic writes left under ``folder``; return what was removed.
+
+    A process killed mid-write leaves its temporary sibling (``.<name>.<random>.tmp``, a
+    ``.<name>.<random>.partial`` folder, or a ``.<name>.old-<pid>`` folder being replaced). No
+    reader takes them (their names start with a dot), but they hold disk space, which matters
+    after a full disk. Call it only while holding the folder's lock (runlock.py): another
+    writer's temporary file in flight would otherwise be taken from under it.
+    """
+    removed: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        if Path(root) == Path(folder) and "training_run" in dirs:
+            dirs.remove("training_run")  # the live demo's trainer (another process, not under the lock) writes there
+        for name in list(dirs):
+            if _LEFTOVER.match(name):
+                shutil.rmtree(Path(root) / name, ignore_errors=True)
+                removed.append(Path(root) / name)
+                dirs.remove(name)
+        for name in files:
+            if _LEFTOVER.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(root) / name)
+                    removed.append(Path(root) / name)
+    return removed

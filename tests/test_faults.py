@@ -59,6 +59,16 @@ def wait_for_search_trial(proc: subprocess.Popen, out: Path, timeout_s: float = 
     return None
 
 
+def rerun(cmd: list[str], fault: str, detect_s: float | None = None) -> subprocess.CompletedProcess:
+    """The same command again, timed; prints the figures docs/reliability.md records (``pytest -s``)."""
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    detect = f"stopped {detect_s:.2f} s after the fault, " if detect_s is not None else ""
+    print(f"\nRECOVERY {fault}: {detect}re-run to the end {took:.1f} s (exit {proc.returncode})")
+    return proc
+
+
 def _children(pid: int) -> list:
     import psutil
 
@@ -92,10 +102,9 @@ def test_a_killed_rank_ends_the_job_at_once_naming_it_and_the_rerun_resumes(tiny
     assert not [r for r in before.values() if r["status"] == "failed"]  # not mistaken for a failed trial
     assert any(r["status"] == "running" for r in before.values())
 
-    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    again = rerun(cmd, "rank killed", ended_s)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_resumed_whole(out, TRIALS, before)
-    print(f"rank 1 SIGKILLed: the job ended {ended_s:.2f} s later (exit {proc.returncode}); timeout_s={timeout_s}")
 
 
 # ----------------------------------------------------------------------------- SIGTERM twice
@@ -121,10 +130,9 @@ def test_sigterm_twice_exits_at_once_and_the_state_resumes_whole(tiny_run, tmp_p
     before = Ledger.open(out / "trials.jsonl").records
     if (out / "ax_snapshot.json").exists():
         json.loads((out / "ax_snapshot.json").read_text())
-    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    again = rerun(cmd, "SIGTERM twice", ended_s)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_resumed_whole(out, 6, before, expect_failed=False)
-    print(f"second SIGTERM: the process ended {ended_s:.3f} s later")
 
 
 # ----------------------------------------------------------------------------- a torn ledger line
@@ -145,7 +153,7 @@ def test_a_torn_last_line_is_dropped_said_and_its_trial_re_run(tiny_run, tmp_pat
     before = last_status(ledger_lines(out))
     assert before[last["trial"]]["status"] == "running"
 
-    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    again = rerun(cmd, "torn ledger line")
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr  # Hydra's log goes to stdout
     assert "the last line is torn" in said and "dropped: 40 bytes" in said, said[-3000:]
@@ -197,7 +205,7 @@ def test_a_full_disk_for_the_merged_model_is_named_nothing_partial_and_the_rerun
     assert not (out / "results.json").exists()
 
     resize(64 << 20)  # space freed
-    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    again = rerun(cmd, "full disk (merged model)")
     assert again.returncode == 0, again.stderr[-3000:]
     assert_resumed_whole(out, 3, recs, expect_failed=False)
     assert {r["trial"] for r in last_status(ledger_lines(out)).values()} == set(recs)  # no trial re-run
@@ -287,7 +295,7 @@ def test_a_source_damaged_mid_run_fails_the_write_naming_it_and_the_restored_run
                 and not r["origin"].startswith("baseline:")]) == 4
 
     victim.write_bytes(good)
-    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    again = rerun(cmd, "source damaged mid-run")
     assert again.returncode == 0, again.stderr[-3000:]
     assert_resumed_whole(out, 4, recs, expect_failed=False)
     assert (out / "merged" / "model.safetensors").is_file()
@@ -378,3 +386,21 @@ def test_a_read_failing_on_one_rank_stops_both_naming_the_file(tiny_run, tmp_pat
     assert "step1000/model.safetensors: rank 1 could not read its slice" in res[0]["message"]
     assert took < 120, took  # no rank waited out a collective timeout
     assert math.isfinite(took)
+
+
+def test_leftovers_of_interrupted_writes_are_swept_and_nothing_else(tmp_path):
+    from lightning_merge.io import sweep_leftovers
+
+    keep = [".lightning_merge.lock", ".lightning_merge.holder.json", "trials.jsonl", "merged/model.safetensors",
+            ".hydra/config.yaml", "training_run/checkpoints/.step8.partial/x", "rounds/step-8/report.md"]
+    junk = [".trials.jsonl.a1b2.tmp", ".ax_snapshot.json.zz.tmp", ".merged.k3.partial/model.safetensors",
+            ".merged.old-4242/config.json", "rounds/step-8/.results.json.q.tmp"]
+    for rel in keep + junk:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    gone = sweep_leftovers(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in gone) == sorted(
+        [".trials.jsonl.a1b2.tmp", ".ax_snapshot.json.zz.tmp", ".merged.k3.partial", ".merged.old-4242",
+         "rounds/step-8/.results.json.q.tmp"])
+    assert all((tmp_path / rel).exists() for rel in keep)
+    assert not any((tmp_path / rel).exists() for rel in junk)
