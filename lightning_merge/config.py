@@ -576,8 +576,8 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore as ``schema``, and the ``lm_dirname``, ``lm_experiment`` and
-    ``lm_run`` resolvers."""
+    """Register the schema in Hydra's ConfigStore as ``schema``, and the ``lm_dirname``, ``lm_experiment``,
+    ``lm_run`` and ``lm_rank_log`` resolvers."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -588,6 +588,24 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("lm_experiment", _lm_experiment)
     if not OmegaConf.has_resolver("lm_run"):
         OmegaConf.register_new_resolver("lm_run", _lm_run)
+    if not OmegaConf.has_resolver("lm_rank_log"):
+        OmegaConf.register_new_resolver("lm_rank_log", _lm_rank_log)
+
+
+def _lm_rank_log(path: str) -> str:
+    """Hydra's job log file on global rank 0, ``os.devnull`` on every other rank (conf/config.yaml).
+
+    A run folder has one writer (runlock.py): Hydra's file handler would otherwise open
+    ``<run>/train_ddp_process_1.log`` in each rank Lightning launches, and every srun task would
+    append to ``<run>/__main__.log``. The other ranks' warnings still reach their stderr.
+    """
+    import os
+
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return path if int(os.environ[var]) == 0 else os.devnull
+    rank = int(os.environ.get("NODE_RANK", 0)) * 1000 + int(os.environ.get("LOCAL_RANK", 0))
+    return path if rank == 0 else os.devnull
 
 
 def to_run_config(cfg: Any) -> RunConfig:
