@@ -107,6 +107,31 @@ def test_a_killed_rank_ends_the_job_at_once_naming_it_and_the_rerun_resumes(tiny
     assert_resumed_whole(out, TRIALS, before)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_killed_rank_zero_ends_the_other_rank_naming_it(tiny_run, tmp_path):
+    """The launcher itself (rank 0) dies: rank 1, left inside a collective, exits at once saying rank 0 is gone."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = command(tiny_run, out, "strategy=ddp", "strategy.devices=2", "strategy.timeout_s=300")
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_for_search_trial(proc, out) is not None, proc.communicate()[0][-3000:]
+    rank1 = [c for c in _children(proc.pid) if any("train_ddp_process_1" in a for a in c.cmdline())]
+    assert len(rank1) == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    log, _ = proc.communicate(timeout=300)  # the pipe closes when rank 1, which shares it, exits too
+    gone, alive = psutil.wait_procs(rank1, timeout=60)
+    ended_s = time.monotonic() - killed
+    assert not alive and ended_s < 30, (ended_s, log[-3000:])
+    assert f"rank 0 (pid {proc.pid} on " in log and ") is gone" in log, log[-3000:]
+    before = last_status(ledger_lines(out))
+    again = rerun(cmd, "rank 0 killed", ended_s)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_resumed_whole(out, TRIALS, before)
+
+
 # ----------------------------------------------------------------------------- SIGTERM twice
 
 @pytest.mark.slow
