@@ -305,7 +305,9 @@ def requeue(job_id: str | None = None, *, timeout_s: float = 60.0) -> bool:
 
     ``job_id`` defaults to the job of this process (``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID``
     for an array task, else ``SLURM_JOB_ID``). Returns ``True`` once requeued
-    (SLURM then ends this run; the job restarts with the same id), ``False`` when
+    (SLURM then ends this run; the job restarts with the same id), also when SLURM had
+    requeued it already (``scontrol requeue`` from outside, or preemption: the tasks got
+    SIGTERM, and scontrol answers "Job is pending execution"), ``False`` when
     not under SLURM or when ``LIGHTNING_MERGE_REQUEUE=0`` (a watch service started inside a training
     job's allocation, whose job id is the training job's). Raises :class:`RequeueError` if ``scontrol`` is not on PATH,
     fails or hangs, so the driver can report it and exit non-zero: the saved state
@@ -335,6 +337,12 @@ def requeue(job_id: str | None = None, *, timeout_s: float = 60.0) -> bool:
         raise RequeueError(f"`{shlex.join(cmd)}` could not run ({e}); {hint}") from None
     if proc.returncode != 0:
         out = (proc.stderr.strip() or proc.stdout.strip() or "no output")
+        if "pending execution" in out:
+            # SLURM requeued the job already: an admin's `scontrol requeue`, or preemption with
+            # PreemptMode=REQUEUE. Both SIGTERM the tasks, which saved and came here; the job is pending
+            # again and restarts on its own (Slurm 22.05: "Job is pending execution for job N").
+            log.info("SLURM job %s is already requeued (pending); it restarts on its own", job_id)
+            return True
         raise RequeueError(f"`{shlex.join(cmd)}` failed with exit code {proc.returncode}: {out} (was the job "
                            f"submitted with --requeue, and does the cluster allow requeueing?); {hint}")
     log.info("requeued SLURM job %s", job_id)

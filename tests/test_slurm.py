@@ -355,3 +355,17 @@ def test_requeue_without_scontrol_on_path(tmp_path, monkeypatch):
         requeue()
     with pytest.raises(RequeueError, match="not a job id"):
         requeue("42; true")
+
+
+def test_requeue_of_a_job_slurm_already_requeued_is_not_an_error(tmp_path, monkeypatch, caplog):
+    """An admin's `scontrol requeue` (or preemption) SIGTERMs the tasks; the driver saves and asks again.
+
+    Slurm 22.05 then answers with exit code 1 and "Job is pending execution for job N" (measured on the
+    test cluster of tests/test_slurm_cluster.py): the job is requeued, which is what was asked.
+    """
+    _stub(tmp_path / "bin", "scontrol", 'echo "Job is pending execution for job $2" >&2\nexit 1\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with caplog.at_level("INFO", logger="lightning_merge"):
+        assert requeue() is True
+    assert "SLURM job 42 is already requeued" in caplog.text
