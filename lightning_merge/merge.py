@@ -306,13 +306,13 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out_dir.parent).free
     if free < need * 1.02 + (1 << 20):  # refused before a byte is written
-        raise disk_full(out_dir, int(need * 1.02) + (1 << 20), "the merged model")
+        raise disk_full(out_dir, need, "the merged model (and a 2% + 1 MiB margin)")
     try:
         return _write_merged(series, w, out_dir, shards, need, dtype, bool(normalize), nonfloat, metadata,
                              extra_files)
     except OSError as e:
         if e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):  # the disk filled up meanwhile
-            raise disk_full(out_dir, int(need * 1.02) + (1 << 20), "the merged model") from e
+            raise disk_full(out_dir, need, "the merged model (and a 2% + 1 MiB margin)") from e
         raise
 
 

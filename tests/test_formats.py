@@ -179,7 +179,8 @@ def test_disk_space_checked_first(formats, tmp_path, monkeypatch):
     series = CheckpointSeries.from_sources(formats["safetensors"])
     monkeypatch.setattr(_sh, "disk_usage", lambda p: _sh._ntuple_diskusage(10**12, 10**12 - 5, 5))
     need = sum(t.nbytes for t in series.newest.tensors.values())
-    with pytest.raises(OSError, match=f"need {need} bytes, 5 bytes free"):
+    with pytest.raises(OSError, match=rf"while writing the merged model \(and a 2% \+ 1 MiB margin\): it needs "
+                                      rf"{need:,} bytes, 5 bytes free"):
         write_merged(series, [0.5, 0.5], tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
