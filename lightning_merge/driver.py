@@ -292,7 +292,8 @@ def _run(cfg: RunConfig, on_accepted: Callable[[], None] | None) -> dict:
     _seed_everything(cfg.seed, cfg.threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if launched_rank() == 0 and (gone := sweep_leftovers(out)):  # under the lock: nobody else writes here
+    locked = launched_rank() == 0 and os.environ.get("LIGHTNING_MERGE_NO_LOCK") != "1"  # runlock.NO_LOCK_ENV
+    if locked and (gone := sweep_leftovers(out)):  # under the lock only: nobody else writes here
         log.warning("removed %d leftover(s) of an interrupted write in %s: %s", len(gone), out,
                     ", ".join(str(p.relative_to(out)) for p in gone[:5]) + (" ..." if len(gone) > 5 else ""))
     if cfg.merge.recipe:  # first: a recipe names its sources, so the embedded demo is not needed
