@@ -309,7 +309,9 @@ class Evaluator:
             strategy=lightning_strategy(conf, model), precision=conf.precision, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False,
             num_sanity_val_steps=0, inference_mode=True, plugins=_slurm_plugins(),
-            callbacks=[_MergeBeforeEval(self), _BatchProgress(self), *callbacks],
+            # The given callbacks first: Preemption's takes SIGTERM back from Lightning before the trial's
+            # merge (seconds, in on_validation_start), so a signal during the merge only sets the flag.
+            callbacks=[*callbacks, _MergeBeforeEval(self), _BatchProgress(self)],
         )
 
     def set_weights(self, weights: list[float]) -> None:

@@ -371,16 +371,11 @@ def test_requeue_of_a_job_slurm_already_requeued_is_not_an_error(tmp_path, monke
     assert "SLURM job 42 is already requeued" in caplog.text
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit,
-                   reason="product bug (evaluate.py/Preemption): Lightning's SIGTERM handler is active from "
-                          "Trainer._run's register_signal_handlers() until Preemption's callback takes the signal "
-                          "back in on_validation_start, and the Evaluator runs that callback last, after the trial's "
-                          "merge and on_merged (Ax bookkeeping). A SIGTERM there (an outside scontrol requeue, "
-                          "preemption) sets Lightning's received_sigterm: SIGTERMException aborts the trial after "
-                          "one batch, nothing is saved, and the trial is failed and re-run on resume")
 def test_sigterm_while_a_trial_merges_only_sets_the_flag(tiny_run, saved_handlers):
     """The Evaluator as the driver builds it (Preemption's callback in ``callbacks``); the signal lands while the
-    trial's weights are merged (``on_merged`` runs inside ``on_validation_start``, as the merge does).
+    trial's weights are merged (``on_merged`` runs inside ``on_validation_start``, as the merge does). The
+    Evaluator runs the given callbacks before its merge, so Lightning's SIGTERM handler (a SIGTERMException
+    after one batch: the trial aborted, nothing saved) is gone by then and only the flag is set.
 
     Seen on the real SLURM of tests/test_slurm_cluster.py: an ``scontrol requeue`` right after the ledger's
     ``running`` line was handled by Lightning ("[rank: 0] Received SIGTERM: 15"), and the trial was re-run.
