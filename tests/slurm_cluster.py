@@ -11,8 +11,10 @@ Settings that matter here (measured on a 2-core Debian 12 VM, running as root):
 
 - ``ProctrackType=proctrack/pgid`` and ``TaskPlugin=task/none``: no cgroups needed (with
   ``proctrack/linuxproc`` a background child outlived its job).
-- ``AuthInfo=...,cred_expire=10`` and ``SchedulerParameters=sched_interval=5,bf_interval=5``: a
-  requeued job restarts after 11-18 s instead of ~145 s (a job's credential must expire first).
+- ``AuthInfo=...,cred_expire=10`` and ``SchedulerParameters=sched_interval=2,bf_interval=2``: a
+  requeued job restarts ~15 s after ``scontrol requeue`` instead of ~145 s (its tasks end, then it waits
+  cred_expire + 1 s, then for a scheduling pass). An outside requeue signals the tasks with SIGCONT and
+  SIGTERM, and SIGKILL ``KillWait=30`` s later.
 - ``SlurmdParameters=config_overrides``: the nodes are what this file says (2 CPUs each), whatever the
   machine has.
 - The node names ``n1``/``n2`` do not resolve, so jobs get ``MASTER_ADDR=127.0.0.1`` (Lightning's
@@ -148,7 +150,7 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "SchedulerType=sched/backfill",
-            "SchedulerParameters=sched_interval=5,bf_interval=5",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "SlurmdParameters=config_overrides",
@@ -241,8 +243,8 @@ class SlurmCluster:
                 if sorted(states) == sorted(self.nodes) and all(s.strip() == "idle" for s in states.values()):
                     return
             if time.monotonic() > deadline:
-                raise ClusterUnavailable(f"the nodes were not idle within {timeout_s:g} s (sinfo: {states or proc.stderr})"
-                                         + self.daemon_logs())
+                raise ClusterUnavailable(f"the nodes were not idle within {timeout_s:g} s "
+                                         f"(sinfo: {states or proc.stderr})" + self.daemon_logs())
             time.sleep(0.25)
 
     def stop(self, timeout_s: float = 20.0) -> None:
@@ -414,7 +416,8 @@ def _main() -> int:
     except ClusterUnavailable as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"up in {cluster.startup_s:.1f} s: export SLURM_CONF={cluster.conf}   (Ctrl-C or SIGTERM stops it)", flush=True)
+    print(f"up in {cluster.startup_s:.1f} s: export SLURM_CONF={cluster.conf}   (Ctrl-C or SIGTERM stops it)",
+          flush=True)
     try:
         while all(p.poll() is None for p in cluster.procs.values()):
             time.sleep(1)

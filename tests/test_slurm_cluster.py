@@ -9,16 +9,19 @@ emulated node names do not resolve.
 - 2 tasks on one node (srun, gloo), and 2 nodes with one task each (``sbatch -N2``,
   ``strategy.num_nodes=2``): the same trials (weights, losses) and the same best as one local process;
   on 2 nodes, only global rank 0 writes the run's outputs (``tests/write_audit``).
-- A job with ``--requeue``, ``--time=1`` and ``--signal=USR2@5``: SLURM's own signal lands mid-search, the
+- A job with ``--requeue``, ``--time=1`` and ``--signal=USR2@1``: SLURM's own signal lands mid-search, the
   trial in flight finishes, the state is saved, the job requeues itself with ``scontrol requeue``, and
   the requeued job resumes in the same folder and finishes the budget; nothing lost or repeated, the Ax
   snapshot agrees with the ledger.
 - ``scontrol requeue`` of a running 2-task job from outside (an admin, or preemption): SLURM sends
-  SIGCONT+SIGTERM to the tasks; they save at the trial boundary, the job restarts and finishes.
+  SIGCONT+SIGTERM to the tasks; they save at the trial boundary, the job restarts and finishes. (A SIGTERM
+  at the very start of a trial, while Lightning sets ``validate`` up, still goes to Lightning's handler and
+  aborts the trial: the strict xfail ``test_sigterm_while_lightning_sets_up_a_trials_validate_only_sets_the_flag``
+  in tests/test_slurm.py.)
 - A sweep through the submitit launcher (``hydra/launcher=slurm``): one SLURM job per point, and the
   sweep summary.
 - ``slurm/watch.sbatch`` with ``--dependency=after:TRAIN`` beside a training job that writes
-  checkpoints: one watch round per new checkpoint.
+  checkpoints: rounds for the checkpoints that land while it watches.
 
 Every wait has a deadline and fails with ``scontrol show job`` and the job's log; every job a test
 submits is cancelled at its end.
@@ -27,6 +30,7 @@ submits is cancelled at its end.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -153,7 +157,7 @@ def one_process(tiny_run, tmp_path_factory):
     """The reference: the same search in one local process (strategy=single), not under SLURM."""
     root = tmp_path_factory.mktemp("one_process")
     out = root / "run"
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-m", "lightning_merge", *overrides(tiny_run, out), "strategy=single"],
                           env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, cwd=root,
                           capture_output=True, text=True, timeout=600)
@@ -163,7 +167,8 @@ def one_process(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def big_heldout(tmp_path_factory) -> Path:
-    """Held-out text for slow trials (1-2 s each on 800 blocks of 128 tokens): preemption must land mid-search."""
+    """Held-out text for slow trials (3226 blocks of 128 tokens; ~1 s per 1000 blocks): preemption must land
+    mid-search."""
     from conftest import CORPUS
 
     path = tmp_path_factory.mktemp("big_heldout") / "heldout.jsonl"
@@ -174,8 +179,9 @@ def big_heldout(tmp_path_factory) -> Path:
 
 
 def slow_overrides(tiny_run, heldout: Path, out: Path, blocks: int, trials: int, *extra: str) -> list[str]:
-    """Random search over the simplex (cheap proposals that never converge early) on ``blocks`` blocks."""
-    return [f"checkpoints.sources=[{tiny_run['ckdir']}]", "checkpoints.last=3", "search=random",
+    """A grid search over the simplex on ``blocks`` blocks: proposals that cost nothing and never stop the search
+    early (the GP converges on these checkpoints; a random search's proposal grew to ~1 s at 40 trials)."""
+    return [f"checkpoints.sources=[{tiny_run['ckdir']}]", "checkpoints.last=3", "search=grid",
             "search.space=simplex", f"search.trials={trials}", f"data.heldout.path={heldout}",
             "data.heldout.block_size=128", f"data.heldout.num_blocks={blocks}", f"data.search_blocks={blocks}",
             "data.batch_size=16", "demo.enabled=false", "report.progress=false", "merge.write=false",
@@ -257,34 +263,40 @@ def test_two_nodes_only_rank_zero_writes_the_run(two_nodes):
 def test_time_limit_signal_saves_requeues_itself_and_resumes(slurm_cluster, jobs, tiny_run, big_heldout, tmp_path):
     """``--time=1 --signal=USR2@1``: Slurm checks time limits every 30 s and signals a job whose time left is
     at most lead + 30 s, so SLURM's SIGUSR2 comes 29-59 s after the start. The search is under way by then
-    (the model is built in ~11 s, the baselines take ~12 s) and lasts ~50 s more (40 trials of ~1.25 s on
-    this 2-core machine; more under load)."""
-    c, out, trials = slurm_cluster, tmp_path / "run", 40
-    j = c.sbatch(MERGE, *slow_overrides(tiny_run, big_heldout, out, 800, trials),
+    (the model is built in ~9 s, the baselines end at ~28 s) and lasts ~53 s more (34 trials of ~1.55 s on 1600
+    blocks on this 2-core machine when idle: ~20 s past the latest signal; longer under load)."""
+    c, out, trials = slurm_cluster, tmp_path / "run", 34
+    j = c.sbatch(MERGE, *slow_overrides(tiny_run, big_heldout, out, 1600, trials),
                  options=[*CPU, "--ntasks-per-node=1", "--time=1", "--signal=USR2@1"], env=job_env(c), cwd=tmp_path)
     jobs.append(j)
-    log = log_of(tmp_path, j)
+    # The job's log gets the batch script's lines (its start lines); the driver's lines are read from rank 0's
+    # own log in the run folder (Hydra's job log), since srun may drop what a task prints as the job is requeued.
+    log, main_log = log_of(tmp_path, j), out / "__main__.log"
     rec = c.job(j)
     assert rec["Requeue"] == "1" and rec["TimeLimit"] == "00:01:00"  # --requeue from the script's #SBATCH lines
     # The job requeues itself: the first run is over and saved once SLURM counts a restart.
-    wait_for(lambda: c.job(j).get("Restarts", "0") != "0" and f"requeued SLURM job {j}" in read(log), 150,
-             "requeued", c, j, log, out / "__main__.log", poll_s=0.5)
+    wait_for(lambda: c.job(j).get("Restarts", "0") != "0" and f"requeued SLURM job {j}" in read(main_log), 150,
+             "requeued", c, j, log, main_log, poll_s=0.5)
     before = last_status(ledger_lines(out))
     # Slurm's 30 s granularity would signal the restarted run as early again; give it a long limit instead,
     # as a fresh allocation would have (what a second signal would do was just shown).
     c.run("scontrol", "update", f"JobId={j}", "TimeLimit=10")
-    rec = c.wait_done(j, 300, log, out / "__main__.log")
+    rec = c.wait_done(j, 300, log, main_log)
 
-    text = read(log)
+    text, main = read(log), read(main_log)
     assert rec["Restarts"] == "1"
-    assert text.count(f"merge.sbatch: job {j} (restart 0)") == 1 and text.count(f"merge.sbatch: job {j} (restart 1)") == 1
-    assert text.index("(restart 0)") < text.index("preempted (SIGUSR2)") < text.index("(restart 1)")
-    assert f"requeueing SLURM job {j}: " in text and f"scontrol requeue {j}" in text  # by the job itself
+    # Both starts in the one log (--open-mode=append), the second with SLURM_RESTART_COUNT=1.
+    starts = [f"merge.sbatch: job {j} (restart {n})" for n in (0, 1)]
+    assert [text.count(s) for s in starts] == [1, 1]
+    assert text.index("(restart 0)") < text.index("(restart 1)")
+    # SLURM's signal (this test sends none), then the job's own `scontrol requeue`, then the resume.
+    assert main.index("search stops: preempted (SIGUSR2)") < main.index(f"requeueing SLURM job {j}: ") \
+        < main.index(f"requeued SLURM job {j}") < main.index(f"resumed {len(before)} trials")
+    assert f"scontrol requeue {j}" in main
     # The signal landed mid-search; the trial in flight was finished, not abandoned, and nothing ran after it.
     assert all(r["status"] == "completed" for r in before.values()), before
     done_first = [r for r in before.values() if not r["origin"].startswith("baseline:")]
     assert 0 < len(done_first) < trials, f"{len(done_first)} of {trials} search trials before the signal"
-    assert f"resumed {len(before)} trials" in text
     assert_whole_after_requeue(out, trials, before)
 
 
@@ -295,25 +307,31 @@ def test_scontrol_requeue_from_outside_restarts_the_job_and_loses_nothing(slurm_
     Slurm 22.05 sends SIGCONT and SIGTERM to every task at once (SIGKILL KillWait=30 s later); the ranks
     agree on the flag at the next trial boundary, rank 0 saves, and its own ``scontrol requeue`` finds the
     job requeued already ("Job is pending execution"), which is fine.
+
+    The requeue is sent 0.3 s into a search trial's ~0.7 s evaluation. Sent at once on the ledger's ``running``
+    line it reached Lightning's own SIGTERM handler in 1 of 2 runs (before 4ae5826 in most: then the merge was
+    in the window too), which aborts the trial; the strict xfail
+    ``test_sigterm_while_lightning_sets_up_a_trials_validate_only_sets_the_flag`` in tests/test_slurm.py.
     """
-    c, out, trials = slurm_cluster, tmp_path / "run", 10
-    j = c.sbatch(MERGE, "strategy=ddp", *slow_overrides(tiny_run, big_heldout, out, 200, trials),
+    c, out, trials = slurm_cluster, tmp_path / "run", 6
+    j = c.sbatch(MERGE, "strategy=ddp", *slow_overrides(tiny_run, big_heldout, out, 800, trials),
                  options=[*CPU, "--ntasks-per-node=2"], env=job_env(c), cwd=tmp_path)
     jobs.append(j)
     log, main_log = log_of(tmp_path, j), out / "__main__.log"
     wait_for(lambda: any(r["status"] == "running" and not r["origin"].startswith("baseline:")
-                         for r in ledger_lines(out)), 240, "searching", c, j, log, main_log)
+                         for r in ledger_lines(out)), 240, "searching", c, j, log, main_log, poll_s=0.02)
+    time.sleep(0.3)
     c.run("scontrol", "requeue", j)
     wait_for(lambda: c.job(j).get("Restarts", "0") != "0" and "search stops: preempted (SIGTERM)" in read(main_log),
              120, "requeued and stopped", c, j, log, main_log, poll_s=0.5)
-    # The job requeued, but the old run may still be saving: wait until the step is gone.
+    # The job is requeued, but the old run may still be saving: wait for its last word on it.
     wait_for(lambda: "state saved in" in read(main_log), 60, "saved", c, j, log, main_log, poll_s=0.5)
     before = last_status(ledger_lines(out))
     rec = c.wait_done(j, 300, log, main_log)
 
     assert rec["Restarts"] == "1"
     text, main = read(log), read(main_log)
-    assert f"(restart 0)" in text and f"merge.sbatch: job {j} (restart 1)" in text
+    assert f"merge.sbatch: job {j} (restart 0)" in text and f"merge.sbatch: job {j} (restart 1)" in text
     assert f"SLURM job {j} is already requeued (pending)" in main  # its own requeue found it done
     assert "[ERROR]" not in main, main[-3000:]
     assert all(r["status"] == "completed" for r in before.values()), before  # the trial in flight finished
@@ -387,7 +405,9 @@ def test_watch_job_beside_a_training_job(slurm_cluster, jobs, tmp_path):
                  options=[*CPU, f"--dependency=after:{t}"], env=job_env(c), cwd=tmp_path)
     jobs.append(w)
     wlog, tlog = log_of(tmp_path, w, "lightning_merge_watch"), log_of(tmp_path, t, "train")
-    time.sleep(6)  # a scheduling pass (sched_interval=5): the watch job must still wait for training
+    rec = c.wait(w, lambda r: r if r.get("Reason") == "Dependency" else None, 30, "waiting on its dependency",
+                 wlog, tlog)
+    time.sleep(3)  # a scheduling pass or more (sched_interval=2): it still waits for the held training job
     rec = c.job(w)
     assert rec["JobState"] == "PENDING" and rec["Reason"] == "Dependency" and f"after:{t}" in rec["Dependency"], rec
     c.run("scontrol", "release", t)
