@@ -314,6 +314,25 @@ class Evaluator:
             callbacks=[*callbacks, _MergeBeforeEval(self), _BatchProgress(self)],
         )
 
+        if any(getattr(c, "owns_signals", False) for c in callbacks):
+            self._leave_signals_alone()
+
+    def _leave_signals_alone(self) -> None:
+        """Keep Lightning from installing its SIGTERM (and SLURM requeue) handlers in every ``validate``.
+
+        The driver owns SIGTERM and SIGUSR2 (``slurm.Preemption``: a flag, then a save at the trial
+        boundary). Lightning registers its own handlers at the start of each ``validate``, before any
+        callback runs; a SIGTERM in that window (the run-stage barrier, the loader's set-up) reached
+        Lightning's handler, which aborts the evaluation after one batch (``SIGTERMException``) with
+        nothing saved: seen on a real SLURM under an outside ``scontrol requeue``. With registration
+        off, our handler, installed before the Trainer, stays in place throughout. Lightning 2.6's
+        ``_SignalConnector.register_signal_handlers`` is private; without it the callback's take-back in
+        ``on_validation_start`` still narrows the window to those few steps.
+        """
+        connector = getattr(self.trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "register_signal_handlers"):
+            connector.register_signal_handlers = lambda: None
+
     def set_weights(self, weights: list[float]) -> None:
         """Merge these weights (all ranks must pass the same) before the next evaluation."""
         self._pending = [float(w) for w in weights]

@@ -32,14 +32,15 @@ lightning 2.6, ``trainer/connectors/signal_connector.py``, ``trainer.py``,
 So the driver should (1) install :class:`Preemption` before building the
 ``Trainer``; (2) pass ``plugins=[SLURMEnvironment(auto_requeue=False)]`` under
 SLURM, so Lightning never saves or requeues on its own; (3) add
-:meth:`Preemption.lightning_callback` to the ``Trainer``: it takes SIGUSR2/SIGTERM
-back at ``on_validation_start``, so during evaluation only our flag is set (no
-broadcast from a handler, no ``SIGTERMException`` mid-trial); and (4) agree on the
-flag across ranks at the trial boundary (``strategy.reduce_boolean_decision(flag,
-all=False)``), since SLURM signals each task separately. Between Lightning's
-registration and ``on_validation_start`` there is little more than the
-strategy's "run-stage" barrier; a SIGTERM in that window still gets Lightning's
-handler.
+:meth:`Preemption.lightning_callback` to the ``Trainer``: the Evaluator then keeps
+Lightning from registering its handlers at all (``Evaluator._leave_signals_alone``),
+and the callback takes SIGUSR2/SIGTERM back at ``on_validation_start`` should
+anything else have replaced them, so during evaluation only our flag is set (no
+broadcast from a handler, no ``SIGTERMException`` mid-trial; a real SLURM's
+outside ``scontrol requeue`` hit the window between Lightning's registration and
+``on_validation_start`` before); and (4) agree on the flag across ranks at the
+trial boundary (``strategy.reduce_boolean_decision(flag, all=False)``), since
+SLURM signals each task separately.
 """
 
 from __future__ import annotations
@@ -271,6 +272,8 @@ class Preemption:
         preemption = self
 
         class _TakeSignalsBack(L.Callback):
+            owns_signals = True  # the Evaluator then keeps Lightning from registering its own handlers
+
             def on_validation_start(self, trainer, pl_module) -> None:
                 preemption.install()
 

@@ -402,20 +402,15 @@ def test_sigterm_while_a_trial_merges_only_sets_the_flag(tiny_run, saved_handler
     assert res.tokens == blocks.shape[0] * (blocks.shape[1] - 1)
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit,
-                   reason="product bug (evaluate.py/Preemption): Lightning's SIGTERM handler is still active between "
-                          "Trainer._run's register_signal_handlers() and on_validation_start (the run-stage barrier, "
-                          "the dataloader set-up, on_validation_model_eval): a SIGTERM there sets Lightning's "
-                          "received_sigterm and SIGTERMException aborts the trial after one batch")
 def test_sigterm_while_lightning_sets_up_a_trials_validate_only_sets_the_flag(tiny_run, saved_handlers):
     """The rest of the window above, before any callback's ``on_validation_start``: the signal lands in
     ``on_validation_model_eval``, which Lightning calls after registering its handlers.
 
     Seen on the real SLURM after 4ae5826: an ``scontrol requeue`` sent as soon as the ledger showed a search
     trial running went to Lightning's handler in 1 of 2 runs ("[rank: 0] Received SIGTERM: 15"; the trial
-    was failed and re-run on resume). With ``trainer._signal_connector.register_signal_handlers`` a no-op
-    (the driver owns SIGTERM and SIGUSR2), or the two signals blocked (``signal.pthread_sigmask``) from
-    before ``trainer.validate`` until the take-back, the evaluation completes and only the flag is set.
+    was failed and re-run on resume). The Evaluator given Preemption's callback now keeps Lightning from
+    registering its handlers at all (the driver owns SIGTERM and SIGUSR2): the evaluation completes and
+    only the flag is set.
     """
     pytest.importorskip("lightning.pytorch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
