@@ -12,6 +12,11 @@ the evaluation, the ledger's ``completed`` or ``failed`` line (fsync'd), then
 Ax's bookkeeping and the snapshot (background, see ``search.py``), then the
 report. A kill anywhere loses at most the trial in flight.
 
+Not a failed trial: a failed collective (a rank died or hung) propagates and
+ends the run naming the rank (``rankwatch.py``), leaving the trial ``running``
+for the resume; a source that fails to read (``SourceReadError``) fails its
+trial and ends the search, since every later merge would read the same bytes.
+
 Stopping (rank 0, at trial boundaries only): the trial budget, the wall-time
 budget, the plateau rule, too many failures in a row, a preemption signal, or
 the optimizer's own word that nothing not yet evaluated is worth an evaluation
