@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from resume_checks import last_status, ledger_lines
+
 pytestmark = pytest.mark.slow
 
 TRIALS = 6
@@ -37,26 +39,6 @@ def command(tiny_run, out: Path, *extra: str, trials: int = TRIALS) -> list[str]
 
 def env(**extra: str) -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
-
-
-def ledger_lines(out: Path) -> list[dict]:
-    path = out / "trials.jsonl"
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line is allowed; the ledger reader skips it
-            pass
-    return lines
-
-
-def last_status(lines: list[dict]) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for rec in lines:
-        out[rec["trial"]] = rec
-    return out
 
 
 def test_sigkill_mid_trial_loses_nothing(tiny_run, tmp_path):

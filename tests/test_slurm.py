@@ -371,15 +371,8 @@ def test_requeue_of_a_job_slurm_already_requeued_is_not_an_error(tmp_path, monke
     assert "SLURM job 42 is already requeued" in caplog.text
 
 
-def test_sigterm_while_a_trial_merges_only_sets_the_flag(tiny_run, saved_handlers):
-    """The Evaluator as the driver builds it (Preemption's callback in ``callbacks``); the signal lands while the
-    trial's weights are merged (``on_merged`` runs inside ``on_validation_start``, as the merge does). The
-    Evaluator runs the given callbacks before its merge, so Lightning's SIGTERM handler (a SIGTERMException
-    after one batch: the trial aborted, nothing saved) is gone by then and only the flag is set.
-
-    Seen on the real SLURM of tests/test_slurm_cluster.py: an ``scontrol requeue`` right after the ledger's
-    ``running`` line was handled by Lightning ("[rank: 0] Received SIGTERM: 15"), and the trial was re-run.
-    """
+def _evaluator_with_preemption(tiny_run):
+    """An Evaluator as the driver builds it (Preemption installed first, its callback given), and 8 blocks."""
     pytest.importorskip("lightning.pytorch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -393,6 +386,19 @@ def test_sigterm_while_a_trial_merges_only_sets_the_flag(tiny_run, saved_handler
     p = Preemption().install()
     ev = Evaluator(AutoModelForCausalLM.from_pretrained(path).eval(), StrategyConf(), batch_size=2,
                    callbacks=[p.lightning_callback()])
+    return ev, blocks, p
+
+
+def test_sigterm_while_a_trial_merges_only_sets_the_flag(tiny_run, saved_handlers):
+    """The Evaluator as the driver builds it (Preemption's callback in ``callbacks``); the signal lands while the
+    trial's weights are merged (``on_merged`` runs inside ``on_validation_start``, as the merge does). The
+    Evaluator runs the given callbacks before its merge, so Lightning's SIGTERM handler (a SIGTERMException
+    after one batch: the trial aborted, nothing saved) is gone by then and only the flag is set.
+
+    Seen on the real SLURM of tests/test_slurm_cluster.py: an ``scontrol requeue`` right after the ledger's
+    ``running`` line was handled by Lightning ("[rank: 0] Received SIGTERM: 15"), and the trial was re-run.
+    """
+    ev, blocks, p = _evaluator_with_preemption(tiny_run)
     ev.on_merged = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
         res = ev.evaluate(blocks)  # the whole evaluation: the flag waits for the trial boundary
@@ -412,19 +418,7 @@ def test_sigterm_while_lightning_sets_up_a_trials_validate_only_sets_the_flag(ti
     registering its handlers at all (the driver owns SIGTERM and SIGUSR2): the evaluation completes and
     only the flag is set.
     """
-    pytest.importorskip("lightning.pytorch")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lightning_merge.config import StrategyConf, TextSetConf
-    from lightning_merge.data import load_blocks
-    from lightning_merge.evaluate import Evaluator
-
-    path = tiny_run["paths"][0]
-    blocks = load_blocks(TextSetConf(path=str(tiny_run["heldout"]), block_size=24, num_blocks=8),
-                         AutoTokenizer.from_pretrained(path))
-    p = Preemption().install()
-    ev = Evaluator(AutoModelForCausalLM.from_pretrained(path).eval(), StrategyConf(), batch_size=2,
-                   callbacks=[p.lightning_callback()])
+    ev, blocks, p = _evaluator_with_preemption(tiny_run)
     model_eval = ev.module.on_validation_model_eval
 
     def signalled_model_eval() -> None:
