@@ -365,7 +365,9 @@ class Evaluator:
         """
         from .errors import SourceReadError
 
-        if not self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        flag = torch.tensor([int(error is not None)], device=self.trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one collective, no barrier
+        if not flag.item():
             return
         mine = None if error is None else (type(error).__name__, isinstance(error, SourceReadError), str(error))
         every: list[Any] = [None] * self.trainer.world_size

@@ -325,7 +325,7 @@ def _write_merged(series, w, out_dir, shards, need, dtype, normalize, nonfloat, 
             layout = [(n, tuple(series.newest.tensors[n].shape), _out_dtype(series, n, dtype)) for n in shard]
             with _ShardWriter(tmp / fname, layout) as writer:
                 for n, shape, out_dtype in layout:
-                    srcs = [_read(ck, n) for ck in series.checkpoints]
+                    srcs = [read_source(ck, n) for ck in series.checkpoints]
                     out = torch.empty(shape, dtype=out_dtype)
                     merge_into({n: out}, [{n: t} for t in srcs], w, nonfloat=nonfloat)
                     del srcs
@@ -352,17 +352,26 @@ def _write_merged(series, w, out_dir, shards, need, dtype, normalize, nonfloat, 
     return out_dir
 
 
-def _read(ck, name: str) -> torch.Tensor:
-    """``ck.read(name)``; a failure (a source damaged or changed since it was opened) names the file."""
+def read_source(ck, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+    """``ck.read(name)``, or ``ck.read_slice(name, start, end)``; a failure is a :class:`SourceReadError`.
+
+    Reads after the run started (a rank's resident slices, the merged model's write) come after the
+    checkpoint's metadata was accepted, so a failure means the file was damaged, truncated or replaced
+    since: the error names the file and tensor, and the search stops rather than score garbage.
+    """
     try:
-        return ck.read(name)
-    except CheckpointError as e:
-        raise SourceReadError(str(e)) from e
+        return ck.read(name) if start is None else ck.read_slice(name, start, end)
+    except SourceReadError:
+        raise
+    except CheckpointError as e:  # the reader's own words already name the file
+        raise SourceReadError(f"{e}. Restore the checkpoint (or drop it from checkpoints.sources) and run the "
+                              f"same command again") from e
     except Exception as e:  # noqa: BLE001 - any reader's error: the bytes are not what the header said
+        span = "" if start is None else f" [{start}, {end})"
         raise SourceReadError(
-            f"{ck.path}: reading tensor {name!r} failed ({type(e).__name__}: {e}). Its metadata was read when "
-            f"the run started, so the file was damaged, truncated or replaced since; nothing was written. "
-            f"Restore the checkpoint (or drop it from checkpoints.sources) and run the same command again") from e
+            f"{ck.path}: reading tensor {name!r}{span} failed ({type(e).__name__}: {e}). Its metadata was read "
+            f"when the run started, so the file was damaged, truncated or replaced since. Restore the checkpoint "
+            f"(or drop it from checkpoints.sources) and run the same command again") from e
 
 
 def _recipe_yaml(series: CheckpointSeries, weights: list[float], normalize: bool, nonfloat: str,

@@ -46,9 +46,8 @@ from typing import Sequence
 import torch
 
 from .checkpoints import CheckpointError
-from .errors import SourceReadError
 from .series import CheckpointSeries
-from .merge import merge_into
+from .merge import merge_into, read_source
 
 __all__ = ["KINDS", "ShardingError", "LocalShard", "zero3_partition", "local_shards", "load_local_sources",
            "release_gathered", "ShardMerger"]
@@ -293,23 +292,9 @@ def load_local_sources(series: CheckpointSeries, shards: Sequence[LocalShard],
             if s.end > numel:
                 raise CheckpointError(f"{ck.path}: tensor {s.name!r} has {numel} elements, "
                                       f"the model's shard needs [{s.start}, {s.end})")
-            row.append(_read_slice(ck, s).to(dev))
+            row.append(read_source(ck, s.name, s.start, s.end).to(dev))
         out.append(row)
     return out
-
-
-def _read_slice(ck, s: LocalShard) -> torch.Tensor:
-    """``ck.read_slice`` of one shard; a failure is a :class:`SourceReadError` naming the file and tensor."""
-    try:
-        return ck.read_slice(s.name, s.start, s.end)
-    except SourceReadError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any reader's error: the data is not what the metadata said
-        raise SourceReadError(
-            f"{ck.path}: reading tensor {s.name!r} [{s.start}, {s.end}) failed ({type(e).__name__}: {e}). Its "
-            f"metadata was read when the run started, so the data is damaged, truncated or was replaced; no "
-            f"merge of it is scored. Restore the checkpoint (or drop it from checkpoints.sources) and run the "
-            f"same command again: the search resumes from its ledger") from e
 
 
 def release_gathered(model: torch.nn.Module, kind: str) -> int:

@@ -23,10 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, DiskFullError
 from .formatting import _gain
 from .loop import _fault_point
-from .errors import DiskFullError
 from .rankwatch import guard, is_comm_failure
 from .slurm import Preemption, requeue
 from .watch import Watcher, _cleanup_merged, _missing, _now, check_service, publish_link, round_config

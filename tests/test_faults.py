@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -410,7 +409,6 @@ def test_a_read_failing_on_one_rank_stops_both_naming_the_file(tiny_run, tmp_pat
     assert res[0]["message"] == res[1]["message"]
     assert "step1000/model.safetensors: rank 1 could not read its slice" in res[0]["message"]
     assert took < 120, took  # no rank waited out a collective timeout
-    assert math.isfinite(took)
 
 
 def test_leftovers_of_interrupted_writes_are_swept_and_nothing_else(tmp_path):
