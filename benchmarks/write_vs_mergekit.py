@@ -172,7 +172,7 @@ def _child_ours(spec: str) -> None:
     a = json.loads(spec)
     sys.path.insert(0, str(REPO))
     from lightning_merge.series import CheckpointSeries
-    from lightning_merge.merge import write_merged
+    from lightning_merge.writer import write_merged
 
     write_merged(CheckpointSeries.from_sources(a["paths"]), a["weights"], a["out"],
                  max_shard_bytes=a["max_shard_bytes"])

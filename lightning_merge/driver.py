@@ -29,7 +29,8 @@ from .rankwatch import guard
 from .series import CheckpointSeries
 from .config import ConfigError, RunConfig
 from .data import evenly_spaced, load_blocks
-from .merge import weight_sum_warning, write_merged
+from .merge import weight_sum_warning
+from .writer import write_merged
 from .slurm import Preemption
 from .ledger import OBJECTIVE
 

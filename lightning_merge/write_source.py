@@ -75,7 +75,7 @@ def write_source(series: CheckpointSeries, weights: Sequence[float], out_dir: st
                  optimizer: str = "none", normalize: bool | None = False, nonfloat: str = "equal",
                  metadata: Mapping | None = None) -> Path:
     """Stream the merge of ``series`` with ``weights`` into ``out_dir`` in the sources' own format."""
-    from .merge import _recipe_yaml
+    from .writer import _recipe_yaml
 
     if optimizer not in OPTIMIZER_POLICIES:
         raise MergeError(f"merge.optimizer={optimizer!r}: use one of {OPTIMIZER_POLICIES}")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lightning_merge.series import CheckpointSeries
-from lightning_merge.merge import write_merged
+from lightning_merge.writer import write_merged
 
 pytestmark = pytest.mark.distributed
 WEIGHTS = [0.2, 0.3, 0.5]

@@ -247,7 +247,7 @@ def torch_isfinite(p) -> bool:
 
 def test_a_full_disk_mid_write_leaves_the_earlier_merged_model_and_no_partial(tiny_run, small_disk, monkeypatch):
     """The write's own ENOSPC (the disk filled after the free-space check passed): the real tmpfs fills up."""
-    from lightning_merge import merge
+    from lightning_merge import writer as merge
     from lightning_merge.errors import DiskFullError
     from lightning_merge.series import CheckpointSeries
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import make_llama
 from lightning_merge.checkpoints import Checkpoint, CheckpointError
 from lightning_merge.series import CheckpointSeries
-from lightning_merge.merge import MergeError, write_merged
+from lightning_merge.merge import MergeError
+from lightning_merge.writer import write_merged
 
 HERE = Path(__file__).parent
 

@@ -176,7 +176,7 @@ def test_lmeval_under_lightning_sharding_equals_hflm(strategy, tmp_path, tokeniz
     from lm_eval.models.huggingface import HFLM
 
     from lightning_merge.lmeval.tasks import build_cloze_items, load_tasks
-    from lightning_merge.merge import write_merged
+    from lightning_merge.writer import write_merged
     from lightning_merge.series import CheckpointSeries
     from test_lmeval_distributed import PROSE, _model
 

@@ -76,7 +76,7 @@ def setup(tmp_path_factory, tokenizer) -> dict:
     from conftest import CORPUS
 
     from lightning_merge.lmeval.tasks import build_cloze_items
-    from lightning_merge.merge import write_merged
+    from lightning_merge.writer import write_merged
     from lightning_merge.series import CheckpointSeries
 
     root = tmp_path_factory.mktemp("lmeval_dist")

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_merge.series import CheckpointSeries
-from lightning_merge.merge import MergeError, merge_into, write_merged
+from lightning_merge.merge import MergeError, merge_into
+from lightning_merge.writer import write_merged
 
 
 def test_merge_into_hand_computed():
@@ -126,7 +127,7 @@ def test_write_merged_bf16_output_dtype(tiny_run, tmp_path):
 
 
 def test_write_merged_failure_leaves_nothing(tiny_run, tmp_path, monkeypatch):
-    import lightning_merge.merge as merge_mod
+    import lightning_merge.writer as merge_mod
 
     series = CheckpointSeries.from_sources(tiny_run["paths"][:2])
     calls = []

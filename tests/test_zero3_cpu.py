@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_merge.series import CheckpointSeries
-from lightning_merge.merge import merge_into, write_merged
+from lightning_merge.merge import merge_into
+from lightning_merge.writer import write_merged
 from lightning_merge.sharding import LocalShard, ShardingError, ShardMerger, local_shards, zero3_partition
 
 WORKER = Path(__file__).with_name("zero3_worker.py")
