@@ -1,7 +1,9 @@
 """Resident re-merge bandwidth: ``merge_into`` against a same-size copy, in one run.
 
 What it measures. Each search trial re-merges K resident source checkpoints into
-the model's parameters with ``lightning_merge.merge.merge_into``. That is a
+the model's parameters with ``lightning_merge.merge.MergePlan.run`` (the plan is
+built once, as ``sharding.ShardMerger`` builds it), with the eager chunked merge
+and with the fused compiled kernel (``kernels.py``), side by side. That is a
 memory-bound stream: read K sources, write one output. We time it on a
 Llama-like list of tensors (a few big matrices per layer, many small norm
 vectors, ~207M elements by default) and report its effective bandwidth
@@ -17,6 +19,7 @@ fp32 and for bf16 (bf16 storage, fp32 accumulation).
     python benchmarks/resident_merge.py --layers 2 --vocab 4000 --repeats 3   # a quick look
     python benchmarks/resident_merge.py --wait-quiet 600     # on a shared machine
     python benchmarks/resident_merge.py --device cuda --threads 1            # on a GPU
+    python benchmarks/resident_merge.py --kernels compiled                   # one kernel only
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
-from lightning_merge.merge import merge_into  # noqa: E402
+from lightning_merge import kernels  # noqa: E402
+from lightning_merge.merge import MergePlan  # noqa: E402
 
 from _machine import busy_cpu_seconds as _busy_cpu_seconds  # noqa: E402
 from _machine import own_cpu_seconds as _own_cpu_seconds  # noqa: E402
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each row, wait up to S seconds for other processes to go idle")
     ap.add_argument("--device", default="cpu", help="e.g. cuda (threads then only set the host side)")
+    ap.add_argument("--kernels", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                    help="merge.kernel modes to measure (compiled needs a C++ compiler on CPU, Triton on GPU)")
     args = ap.parse_args(argv)
 
     shapes = llama_shapes(args.hidden, args.intermediate, args.kv_hidden, args.vocab, args.layers)
@@ -118,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.device != "cpu":
         print(f"device {args.device}: {torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}")
     rows = []
+    why = kernels.unavailable(args.device.split(":")[0])
+    if "compiled" in args.kernels and why:
+        print(f"compiled kernel not measured: {why}")
+        args.kernels = [k for k in args.kernels if k != "compiled"]
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         g = torch.Generator().manual_seed(0)
@@ -129,26 +139,35 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(threads)
             for k in args.ks:
                 srcs, w = sources[:k], weight_sets[k]
-                _wait_quiet(args.wait_quiet)
-                busy0, own0, wall0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
-                t_copy, t_merge = _median_pair(lambda: torch._foreach_copy_(params, srcs[0]),
-                                               lambda: merge_into(params, srcs, w),
-                                               args.warmup, args.repeats, sync)
-                other = (_busy_cpu_seconds() - busy0 - (_own_cpu_seconds() - own0)) / (
-                    time.perf_counter() - wall0)
-                err = _check(params, srcs, w)
-                bw_copy, bw_merge = 2 * nbytes / t_copy, (k + 1) * nbytes / t_merge
-                rows.append((dname, threads, k, t_copy * 1e3, bw_copy / 1e9, t_merge * 1e3,
-                             bw_merge / 1e9, bw_merge / bw_copy, err, max(other, 0.0)))
+                results = {}
+                for kern in args.kernels:
+                    plan = MergePlan(params, srcs, kernel=kern, pack_small=True)
+                    plan.run(w)  # compiles once (cached on disk by Inductor), outside the timing
+                    _wait_quiet(args.wait_quiet)
+                    busy0, own0, wall0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+                    t_copy, t_merge = _median_pair(lambda: torch._foreach_copy_(params, srcs[0]),
+                                                   lambda: plan.run(w), args.warmup, args.repeats, sync)
+                    other = (_busy_cpu_seconds() - busy0 - (_own_cpu_seconds() - own0)) / (
+                        time.perf_counter() - wall0)
+                    err = _check(params, srcs, w)
+                    results[kern] = [p.clone() for p in params[:2]] if len(args.kernels) > 1 else None
+                    bw_copy, bw_merge = 2 * nbytes / t_copy, (k + 1) * nbytes / t_merge
+                    rows.append((dname, threads, k, kern, t_copy * 1e3, bw_copy / 1e9, t_merge * 1e3,
+                                 bw_merge / 1e9, bw_merge / bw_copy, err, max(other, 0.0)))
+                if len(results) > 1:  # the kernels must agree bit for bit
+                    a, b = results.values()
+                    same = all(torch.equal(x.view(torch.uint8) if x.dim() else x, y.view(torch.uint8) if y.dim() else y)
+                               for x, y in zip(a, b))
+                    print(f"{dname} threads={threads} K={k}: eager and compiled bitwise equal: {same}")
         del sources, params
         gc.collect()
 
-    head = ("dtype", "threads", "K", "copy ms", "copy GB/s", "merge ms", "merge GB/s", "ratio",
+    head = ("dtype", "threads", "K", "kernel", "copy ms", "copy GB/s", "merge ms", "merge GB/s", "ratio",
             f">= {args.goal}", "rel err", "other procs")
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for d, th, k, tc, bc, tm, bm, r, e, o in rows:
-        print(f"| {d} | {th} | {k} | {tc:.1f} | {bc:.1f} | {tm:.1f} | {bm:.1f} | {r:.2f} | "
+    for d, th, k, kern, tc, bc, tm, bm, r, e, o in rows:
+        print(f"| {d} | {th} | {k} | {kern} | {tc:.1f} | {bc:.1f} | {tm:.1f} | {bm:.1f} | {r:.2f} | "
               f"{'yes' if r >= args.goal else 'NO'} | {e:.1e} | {o:.2f} CPU |")
     print("\nratio = merge GB/s / copy GB/s; merge GB/s = (K+1)*bytes/time, copy GB/s = 2*bytes/time "
           "(torch._foreach_copy_ of the same tensors, timed alternately with the merge).\n"

@@ -468,6 +468,11 @@ class MergeConf:
     ``optimizer`` (own format only): ``none`` (model only), ``newest`` (the
     newest source's optimizer state) or ``average`` (averaged with the merge
     weights); see ``lightning_merge/write_source.py``.
+    ``kernel``: how the resident re-merge runs each trial (``lightning_merge/kernels.py``):
+    ``auto`` (a fused compiled kernel for merges of 67M+ elements, where a C++ compiler
+    or Triton is present), ``compiled`` (always) or ``eager`` (PyTorch ops only). All
+    three give bitwise the same merge; the compiled code is cached in
+    ``cache_dir/inductor``.
     """
 
     weights: Optional[list[float]] = None
@@ -480,8 +485,11 @@ class MergeConf:
     max_shard_bytes: int = 5 * 1024**3
     format: str = "hf"
     optimizer: str = "none"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.kernel in ("auto", "eager", "compiled"), "merge.kernel",
+                 f"got {self.kernel!r}; use auto, eager or compiled")
         _require(self.nonfloat in ("equal", "newest"), "merge.nonfloat",
                  f"got {self.nonfloat!r}; use equal or newest")
         _require(self.format in ("hf", "source", "both"), "merge.format",

@@ -72,6 +72,19 @@ def _seed_everything(seed: int, threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _kernel_setup(cfg: RunConfig) -> None:
+    """``merge.kernel`` for this process; the compiled merge kernel's code is cached in ``cache_dir/inductor``.
+
+    Inductor's own default cache (``/tmp/torchinductor_<user>``) is often wiped between SLURM jobs;
+    a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins.
+    """
+    from . import kernels
+
+    kernels.set_mode(cfg.merge.kernel)
+    if cfg.merge.kernel != "eager":
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.cache_dir).expanduser() / "inductor"))
+
+
 def _resolve_inputs(cfg: RunConfig, stages: Stages) -> RunConfig:
     """Fill empty sources and data from the embedded demo trajectory (experiment tiny).
 
@@ -291,6 +304,7 @@ def _run(cfg: RunConfig, on_accepted: Callable[[], None] | None) -> dict:
     stages = Stages()
     t_start = time.perf_counter()
     _seed_everything(cfg.seed, cfg.threads)
+    _kernel_setup(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     locked = launched_rank() == 0 and os.environ.get("LIGHTNING_MERGE_NO_LOCK") != "1"  # runlock.NO_LOCK_ENV

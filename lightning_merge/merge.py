@@ -7,10 +7,11 @@ do not sum to 1 also scale the parameters (``[0.5, 0.5]`` halves nothing, but
 ``[1, 1]`` doubles them); pass ``normalize=True`` to divide by their sum.
 :func:`weight_sum_warning` says so for weights a person typed.
 
-Accumulation is in fp32 whatever the storage dtype, and it is done in chunks
-that stay in cache, so the memory traffic is about one read of each source and
-one write of the output (see ``benchmarks/``). Non-float tensors (integer
-buffers) are not averaged: they must be equal in every source.
+Accumulation is in fp32 whatever the storage dtype. The memory traffic is about
+one read of each source and one write of the output: a compiled fused kernel
+(``kernels.py``) for large merges, else PyTorch ops on chunks that stay in
+cache, bitwise the same (see ``benchmarks/resident_merge.py``). Non-float
+tensors (integer buffers) are not averaged: they must be equal in every source.
 
 Pure: nothing here knows about ranks, Lightning or Hydra.
 """
@@ -22,9 +23,10 @@ from typing import Mapping, Sequence
 
 import torch
 
+from . import kernels
 from .errors import CheckpointError, SourceReadError
 
-__all__ = ["MergeError", "check_weights", "merge_into", "read_source", "weight_sum_warning"]
+__all__ = ["MergeError", "MergePlan", "check_weights", "merge_into", "read_source", "weight_sum_warning"]
 
 _CHUNK = 1 << 19  # elements per accumulation chunk and thread: 2 MiB of fp32, one L2 (benchmarks/)
 
@@ -77,89 +79,220 @@ def weight_sum_warning(weights: Sequence[float] | None, normalize: bool | None) 
 NONFLOAT_POLICIES = ("equal", "newest")
 
 
-def _merge_nonfloat(out: torch.Tensor, srcs: Sequence[torch.Tensor], name: str, policy: str) -> None:
-    """Integer/bool tensors are not averaged: they must agree, or (explicitly) come from the newest."""
-    if policy == "newest":
-        out.copy_(srcs[-1])
-        return
+def _check_nonfloat(srcs: Sequence[torch.Tensor], name: str) -> None:
+    """Integer/bool tensors are not averaged: under ``equal`` they must agree in every source."""
     ref = srcs[0]
     for k, s in enumerate(srcs[1:], 1):
         if not torch.equal(ref, s):
             raise MergeError(f"non-float tensor {name!r} differs between source 0 and source {k}; "
                              "integer buffers must be equal across checkpoints (or set "
                              "merge.nonfloat=newest to take them from the newest checkpoint)")
-    out.copy_(ref)
 
 
-def _merge_one(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: Sequence[float], name: str,
-               scratch: torch.Tensor | None) -> None:
-    """out <- sum_k w_k * srcs[k] for a float tensor, accumulated in fp32 (or wider), chunk by chunk.
+def _merge_eager(flat_out: torch.Tensor, terms: list[tuple[torch.Tensor, float]],
+                 scratch: torch.Tensor | None) -> torch.Tensor:
+    """``flat_out <- sum_k w_k * s_k`` with PyTorch ops, chunk by chunk; the chunk sums' total (a 0-d tensor).
 
     The merge is memory-bound, so each chunk is finished while it is in cache:
-    one read of each source and one write of ``out`` (benchmarks/resident_merge.py).
-    Sources weighted 0 are skipped, so a one-hot merge reproduces its source bit
-    for bit (``0 * x`` would turn -0.0 into +0.0, and ``0 * inf`` into NaN).
-    Two sources whose weights sum to 1 take one fused ``torch.lerp``, equal to
-    ``w0*a + w1*b`` up to fp32 rounding (a few ulps of the larger term).
-    fp32/fp64 outputs accumulate in place; bf16/fp16 ones in an fp32 scratch,
-    rounded once. The result is checked finite through its chunk sums (fp16:
-    extremes); NaN or inf make them non-finite, and only an overflowing sum is
-    re-checked element by element. One host sync per tensor; ``torch.isfinite``
-    would run at ~0.5 GB/s on CPU, 40x slower than the merge itself.
+    one read of each source and one write of the output. The arithmetic is
+    ``acc = s_0 * w_0`` then ``acc += w_k * s_k`` (a fused multiply-add) in fp32
+    (fp64 for fp64 outputs), rounded once to the output dtype; the compiled kernel
+    (``kernels.py``) does exactly this in one pass. The sum feeds the finiteness
+    check (fp16: min + max, as an fp16 sum overflows at 65504).
     """
-    flat_out = out.view(-1)
-    terms = [(s.reshape(-1), float(wk)) for s, wk in zip(srcs, w) if wk != 0.0]
-    if not terms:
-        flat_out.zero_()
-        return
-    same = all(s.dtype == out.dtype for s, _ in terms)
-    fused = same and (len(terms) == 1 or (len(terms) == 2 and terms[0][1] + terms[1][1] == 1.0))
-    wide = out.dtype in (torch.float32, torch.float64)
+    (s0, w0), rest = terms[0], terms[1:]
+    wide = flat_out.dtype in (torch.float32, torch.float64)
     n = flat_out.numel()
-    if out.device.type == "cpu":  # each thread's share of a chunk fits its L2
+    if flat_out.device.type == "cpu":  # each thread's share of a chunk fits its L2
         step = _CHUNK * max(1, torch.get_num_threads())
+        if not wide and scratch is not None and scratch.numel() >= _CHUNK:
+            step = min(step, scratch.numel())
     else:  # few, large kernels (32 MiB of fp32 stays in an H100's 50 MB L2)
         step = 1 << 23
-    if not (fused or wide):
-        if out.device.type == "cpu" and scratch is not None and scratch.dtype == torch.float32:
-            step = scratch.numel()
-        elif scratch is None or scratch.dtype != torch.float32 or scratch.numel() < min(step, n):
-            scratch = torch.empty(min(step, n), dtype=torch.float32, device=out.device)
-    (s0, w0), rest = terms[0], terms[1:]
+    if not wide and (scratch is None or scratch.dtype != torch.float32 or scratch.numel() < min(step, n)):
+        scratch = torch.empty(min(step, n), dtype=torch.float32, device=flat_out.device)
     sums = []
     for a in range(0, n, step):
         b = min(a + step, n)
         o = flat_out[a:b]
-        if fused and rest:
-            torch.lerp(s0[a:b], rest[0][0][a:b], rest[0][1], out=o)
-        elif fused:
-            torch.mul(s0[a:b], w0, out=o)
-        else:
-            acc = o if wide else scratch[: b - a]
-            if s0.dtype == acc.dtype:
-                torch.mul(s0[a:b], w0, out=acc)
-            else:  # mul with a bf16 input would round w0 * s0 to bf16 before accumulating
-                acc.copy_(s0[a:b])
-                if w0 != 1.0:
-                    acc.mul_(w0)
-            for s, wk in rest:
-                acc.add_(s[a:b], alpha=wk)
-            if not wide:
-                o.copy_(acc)
-        if o.dtype == torch.float16:  # an fp16 sum overflows at 65504; sum(dtype=fp32) is 30x slower
+        acc = o if wide else scratch[: b - a]
+        if s0.dtype == acc.dtype:
+            torch.mul(s0[a:b], w0, out=acc)
+        else:  # mul with a bf16 input would round w0 * s0 to bf16 before accumulating
+            acc.copy_(s0[a:b])
+            if w0 != 1.0:
+                acc.mul_(w0)
+        for s, wk in rest:
+            acc.add_(s[a:b], alpha=wk)
+        if not wide:
+            o.copy_(acc)
+        if o.dtype == torch.float16:
             mn, mx = torch.aminmax(o)
             sums.append(mn.float() + mx.float())
         else:
             sums.append(o.sum())
-    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-    if not math.isfinite(total.item()) and not bool(torch.isfinite(out).all()):
-        raise MergeError(f"merging tensor {name!r} with weights {list(w)} gave non-finite values")
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+
+
+class _Pack:
+    """Small float tensors of one (output dtype, source dtypes, device) merged as one flat tensor.
+
+    The sources' small tensors are concatenated once, when the plan is built
+    (resident checkpoints do not change), so a trial runs one merge and one
+    ``torch._foreach_copy_`` for all of them instead of a few ops per tensor.
+    """
+
+    def __init__(self, idx: list[int], outs: list[torch.Tensor], srcs: list[list[torch.Tensor]]) -> None:
+        self.idx = idx
+        self.sizes = [outs[i].numel() for i in idx]
+        self.sources = [torch.cat([src[i].reshape(-1) for i in idx]) for src in srcs]
+        self.out = torch.empty(sum(self.sizes), dtype=outs[idx[0]].dtype, device=outs[idx[0]].device)
+
+
+class MergePlan:
+    """A merge set up once and run per trial: ``params[i] <- sum_k w_k * sources[k][i]`` in place.
+
+    The checks (counts, shapes, integer buffers equal under ``nonfloat="equal"``)
+    run once, here. :meth:`run` then merges with the given weights. A run has no
+    host synchronisation per tensor: each tensor's sum stays on its device and
+    the finiteness of all of them is read once, at the end. Tensors of at least
+    ``kernels.MIN_NUMEL`` elements go through the fused compiled kernel when
+    ``kernels.wanted`` says so (``kernel`` overrides the process's mode for this
+    plan); the rest, and every tensor when it is not wanted, through the eager
+    chunked merge. Both give bitwise the same result. With ``pack_small``, the
+    small float tensors are packed into one flat tensor per dtype group (a copy
+    of their sources: resident sources must not change after the plan is built).
+    """
+
+    @torch.no_grad()
+    @torch.inference_mode(False)  # its buffers are written in place later, inside inference mode or not
+    def __init__(self, params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+                 sources: Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]], *,
+                 nonfloat: str = "equal", kernel: str | None = None, pack_small: bool = False) -> None:
+        if nonfloat not in NONFLOAT_POLICIES:
+            raise MergeError(f"nonfloat policy {nonfloat!r}: use one of {NONFLOAT_POLICIES}")
+        if kernel is not None and kernel not in kernels.MODES:
+            raise MergeError(f"merge kernel {kernel!r}: use one of {kernels.MODES}")
+        if isinstance(params, Mapping):
+            names = list(params)
+            outs = [params[n] for n in names]
+            srcs = [[s[n] for n in names] if isinstance(s, Mapping) else list(s) for s in sources]
+        else:
+            outs = list(params)
+            names = [f"#{i}" for i in range(len(outs))]
+            srcs = [list(s.values()) if isinstance(s, Mapping) else list(s) for s in sources]
+        self.names, self.outs, self.srcs, self.nonfloat, self.k = names, outs, srcs, nonfloat, len(srcs)
+        for k, s in enumerate(srcs):
+            if len(s) != len(outs):
+                raise MergeError(f"source {k} has {len(s)} tensors but there are {len(outs)} params")
+        floats, self.nonfloats = [], []
+        for i, out in enumerate(outs):
+            for k, src in enumerate(srcs):
+                if src[i].shape != out.shape:
+                    raise MergeError(f"tensor {names[i]!r}: source {k} has shape {list(src[i].shape)}, "
+                                     f"param has {list(out.shape)}")
+            if out.is_floating_point():
+                floats.append(i)
+            else:
+                if nonfloat == "equal":
+                    _check_nonfloat([s[i] for s in srcs], names[i])
+                self.nonfloats.append(i)
+        total = sum(outs[i].numel() for i in floats)
+        mode = kernel or kernels.mode()
+        self.compiled = {dev: mode != "eager" and (mode == "compiled" or total >= kernels.AUTO_MIN_ELEMENTS)
+                         and kernels.unavailable(dev) is None
+                         for dev in {outs[i].device.type for i in floats}}
+        self.packs: list[_Pack] = []
+        if pack_small:
+            groups: dict[tuple, list[int]] = {}
+            for i in floats:
+                if outs[i].numel() < kernels.MIN_NUMEL:
+                    key = (outs[i].dtype, outs[i].device, tuple(s[i].dtype for s in srcs))
+                    groups.setdefault(key, []).append(i)
+            self.packs = [_Pack(idx, outs, srcs) for idx in groups.values() if len(idx) > 1]
+        packed = {i for p in self.packs for i in p.idx}
+        self.floats = [i for i in floats if i not in packed]
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+
+    def rebind(self, params: Sequence[torch.Tensor]) -> None:
+        """Point the plan at new output tensors of the same shapes and dtypes, in the same order.
+
+        For frameworks that re-point a parameter's storage between merges (see
+        ``sharding.ShardMerger``); the sources and packs are kept.
+        """
+        params = list(params.values()) if isinstance(params, Mapping) else list(params)
+        if len(params) != len(self.outs):
+            raise MergeError(f"rebind: {len(params)} tensors for a plan of {len(self.outs)}")
+        for name, old, new in zip(self.names, self.outs, params):
+            if new.shape != old.shape or new.dtype != old.dtype or new.device != old.device:
+                raise MergeError(f"rebind: tensor {name!r} is now {list(new.shape)} {new.dtype} on {new.device}, "
+                                 f"the plan was built for {list(old.shape)} {old.dtype} on {old.device}")
+        self.outs = params
+
+    @torch.no_grad()
+    def run(self, weights: Sequence[float], *, normalize: bool | None = False) -> None:
+        """Merge with ``weights`` (one per source; normalised if asked); :class:`MergeError` on non-finite results.
+
+        Sources weighted 0 are skipped, so a one-hot merge reproduces its source
+        bit for bit (``0 * x`` would turn -0.0 into +0.0, and ``0 * inf`` into NaN).
+        On an error the params may be partly written.
+        """
+        w = check_weights(weights, self.k, normalize)
+        live = [k for k, wk in enumerate(w) if wk != 0.0]
+        wt: dict[torch.device, torch.Tensor] = {}
+        checks: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # (sum, tensor, name)
+        for i in self.floats:
+            out = self.outs[i]
+            checks.append((self._merge(out.view(-1), [self.srcs[k][i].reshape(-1) for k in live], w, live, wt),
+                           out, self.names[i]))
+        for p in self.packs:
+            total = self._merge(p.out, [p.sources[k] for k in live], w, live, wt)
+            torch._foreach_copy_([self.outs[i].view(-1) for i in p.idx], list(torch.split(p.out, p.sizes)))
+            checks.append((total, p.out, "small tensors " + ", ".join(self.names[i] for i in p.idx[:3]) +
+                           (", ..." if len(p.idx) > 3 else "")))
+        for i in self.nonfloats:
+            self.outs[i].copy_(self.srcs[-1 if self.nonfloat == "newest" else 0][i])
+        self._check(checks, w)
+
+    def _merge(self, flat_out: torch.Tensor, srcs: list[torch.Tensor], w: list[float], live: list[int],
+               wt: dict) -> torch.Tensor:
+        dev = flat_out.device
+        if not live:
+            flat_out.zero_()
+            return torch.zeros((), device=dev)
+        if self.compiled.get(dev.type) and kernels.eligible(flat_out, srcs):
+            if dev not in wt:
+                wt[dev] = torch.tensor([w[k] for k in live], dtype=torch.float32).to(dev, non_blocking=True)
+            total = kernels.fused_merge(flat_out, srcs, wt[dev])
+            if total is not None:
+                return total
+            self.compiled[dev.type] = False
+        scratch = self._scratch.get(dev)
+        if scratch is None and flat_out.dtype not in (torch.float32, torch.float64):
+            with torch.inference_mode(False):  # reused by later runs, in inference mode or not
+                scratch = self._scratch[dev] = torch.empty(_CHUNK, dtype=torch.float32, device=dev)
+        return _merge_eager(flat_out, [(s, w[k]) for s, k in zip(srcs, live)], scratch)
+
+    @staticmethod
+    def _check(checks: list, w: list[float]) -> None:
+        """One host read for all the sums (per device); only a non-finite total looks at each tensor."""
+        by_dev: dict[torch.device, list] = {}
+        for c in checks:
+            by_dev.setdefault(c[0].device, []).append(c)
+        for group in by_dev.values():
+            total = group[0][0] if len(group) == 1 else torch.stack([c[0].float() for c in group]).sum()
+            if math.isfinite(total.item()):
+                continue
+            for s, t, name in group:  # an overflowing sum of finite values is re-checked element by element
+                if not math.isfinite(s.item()) and not bool(torch.isfinite(t).all()):
+                    raise MergeError(f"merging tensor {name!r} with weights {w} gave non-finite values")
 
 
 @torch.no_grad()
 def merge_into(params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                sources: Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]],
-               weights: Sequence[float], *, normalize: bool | None = False, nonfloat: str = "equal") -> None:
+               weights: Sequence[float], *, normalize: bool | None = False, nonfloat: str = "equal",
+               kernel: str | None = None) -> None:
     """Overwrite ``params`` in place with ``sum_k weights[k] * sources[k]``.
 
     ``params`` is a list (or name->tensor mapping) of output tensors, e.g. a
@@ -168,37 +301,16 @@ def merge_into(params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     used as given unless ``normalize`` (None counts as False); see the module docstring for what
     un-normalised weights mean. Non-float tensors follow ``nonfloat``:
     ``"equal"`` (they must agree in every source) or ``"newest"`` (copied from
-    the last source). Raises :class:`MergeError` on non-finite weights or
-    results; params may then be partly written.
+    the last source). ``kernel``: see :class:`MergePlan`. Raises
+    :class:`MergeError` on non-finite weights or results; params may then be
+    partly written. A merge repeated with new weights should build a
+    :class:`MergePlan` once and call its ``run``.
     """
     if nonfloat not in NONFLOAT_POLICIES:
         raise MergeError(f"nonfloat policy {nonfloat!r}: use one of {NONFLOAT_POLICIES}")
-    if isinstance(params, Mapping):
-        names = list(params)
-        outs = [params[n] for n in names]
-        srcs = [[s[n] for n in names] if isinstance(s, Mapping) else list(s) for s in sources]
-    else:
-        outs = list(params)
-        names = [f"#{i}" for i in range(len(outs))]
-        srcs = [list(s.values()) if isinstance(s, Mapping) else list(s) for s in sources]
-    w = check_weights(weights, len(srcs), normalize)
-    for k, s in enumerate(srcs):
-        if len(s) != len(outs):
-            raise MergeError(f"source {k} has {len(s)} tensors but there are {len(outs)} params")
-    scratch = None
-    for i, out in enumerate(outs):
-        group = [s[i] for s in srcs]
-        for k, t in enumerate(group):
-            if t.shape != out.shape:
-                raise MergeError(f"tensor {names[i]!r}: source {k} has shape {list(t.shape)}, "
-                                 f"param has {list(out.shape)}")
-        if out.is_floating_point() and scratch is None and not (
-                out.dtype == torch.float32 and all(t.dtype == torch.float32 for t in group)):
-            scratch = torch.empty(_CHUNK, dtype=torch.float32, device=out.device)
-        if out.is_floating_point():
-            _merge_one(out, group, w, names[i], scratch)
-        else:
-            _merge_nonfloat(out, group, names[i], nonfloat)
+    n_src = len(sources)
+    check_weights(weights, n_src, normalize)  # the weights' errors come first, as they always have
+    MergePlan(params, sources, nonfloat=nonfloat, kernel=kernel).run(weights, normalize=normalize)
 
 
 def read_source(ck, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .series import CheckpointSeries
-from .merge import merge_into, read_source
+from .merge import MergePlan, read_source
 
 __all__ = ["KINDS", "ShardingError", "LocalShard", "zero3_partition", "local_shards", "load_local_sources",
            "release_gathered", "ShardMerger"]
@@ -362,6 +362,9 @@ class ShardMerger:
         self._layout = [(s.name, s.start, s.end) for s in shards]
         self._full_numel = sum(math.prod(s.shape) for s in shards if s.shape is not None)
         self.sources = load_local_sources(series, shards, device=device)
+        self._live = [i for i, s in enumerate(shards) if s.end > s.start]  # a rank may hold none of a small tensor
+        self._plan: MergePlan | None = None  # built at the first apply, where the sources sit on the targets' device
+        self._plan_kinds: list = []
 
     @property
     def shards(self) -> list[LocalShard]:
@@ -400,6 +403,12 @@ class ShardMerger:
                 raise ShardingError(f"{s.name!r} is on {s.target.device} but its sources were loaded on "
                                     f"{src.device}: the model moved after the ShardMerger was built; build it "
                                     "(or pass device=) where the model is merged")
-        live = [i for i, s in enumerate(shards) if s.end > s.start]  # a rank may hold none of a small tensor
-        merge_into([shards[i].target for i in live], [[src[i] for i in live] for src in self.sources],
-                   list(weights), normalize=self.normalize, nonfloat=self.nonfloat)
+        targets = [shards[i].target for i in self._live]
+        kinds = [(t.dtype, t.device) for t in targets]
+        if self._plan is None or kinds != self._plan_kinds:  # checks, buffers, packing: once (per dtype/device)
+            self._plan = MergePlan(targets, [[src[i] for i in self._live] for src in self.sources],
+                                   nonfloat=self.nonfloat, pack_small=True)
+            self._plan_kinds = kinds
+        else:
+            self._plan.rebind(targets)
+        self._plan.run(list(weights), normalize=self.normalize)
