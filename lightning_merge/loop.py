@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 
 _KILL_COUNTS: dict[str, int] = {}
+TIMINGS_ENV = "LIGHTNING_MERGE_TIMINGS"  # a path: rank 0 writes every search trial's timings there (benchmarks)
 
 
 def _fault_point(point: str) -> None:
@@ -89,6 +90,8 @@ class SearchLoop:
     _failures: int = 0
     report_seconds: float = 0.0  # rank 0: time spent keeping report.md current
     trials_run: int = 0  # rank 0: trials completed by this process
+    timings: list[dict] = field(default_factory=list)  # rank 0: per search trial, seconds by part (run())
+    _last: dict = field(default_factory=dict)  # rank 0: the parts of the trial _run_trial just recorded
 
     def __post_init__(self) -> None:
         if self.search is not None:
@@ -117,6 +120,7 @@ class SearchLoop:
     def _run_trial(self, msg: dict) -> float | None:
         """Every rank: evaluate the broadcast trial; rank 0 records it. Returns its objective (None: failed)."""
         t0 = time.perf_counter()
+        self._last = part = {}
         # A proposal that replaced a repeat of an evaluated point says so on every line of its trial.
         dedup = {"deduplicated_from": msg["deduplicated_from"]} if msg.get("deduplicated_from") else {}
         # The optimizer state goes on every line: a resume after a kill or a failure continues from it.
@@ -125,6 +129,8 @@ class SearchLoop:
             self.ledger.write({"trial": msg["index"], "status": "running", "weights": msg["weights"],
                                "params": msg["params"], "origin": msg["origin"], **dedup, **state})
             _fault_point("running")
+        t_obj = time.perf_counter()
+        part["ledger_s"] = t_obj - t0
         try:
             value, metrics, reused = self._objective_shared(msg["weights"], msg.get("reuse"))
         except (FloatingPointError, ValueError, RuntimeError) as e:
@@ -147,22 +153,29 @@ class SearchLoop:
         _fault_point("evaluated")
         merge_s = self.evaluator.merge_seconds if not reused else 0.0
         book_s = self.evaluator.hook_seconds if not reused else 0.0
+        t_done = time.perf_counter()
         timing = {"ask_s": msg.get("ask_s", 0.0), "broadcast_s": msg.get("broadcast_s", 0.0), "merge_s": merge_s,
-                  "book_s": book_s, "eval_s": 0.0 if reused else time.perf_counter() - t0 - merge_s - book_s}
+                  "book_s": book_s, "eval_s": 0.0 if reused else t_done - t0 - merge_s - book_s}
         rec = self.ledger.write({"trial": msg["index"], "status": "completed", "weights": msg["weights"],
                                  "params": msg["params"], "origin": msg["origin"], **dedup, "state": msg.get("state"),
                                  OBJECTIVE: value, **metrics, "reused": reused,
                                  "seconds": time.perf_counter() - t0 + msg.get("ask_s", 0.0),
                                  **{k: round(v, 5) for k, v in timing.items()}})
         _fault_point("completed")
+        t1 = time.perf_counter()
         self.search.tell(msg["index"], value)
         self.search.save(self.out / "ax_snapshot.json")
+        t2 = time.perf_counter()
         if self.bar is not None:
             self.bar.advance(rec, self.ledger.best(), search=not str(msg["origin"]).startswith("baseline:"))
+        t3 = time.perf_counter()
         if self.on_trial is not None:
-            t = time.perf_counter()
             self.on_trial()
-            self.report_seconds += time.perf_counter() - t
+            self.report_seconds += time.perf_counter() - t3
+        part.update(merge_s=merge_s, ax_s=book_s, eval_s=0.0 if reused else t_done - t_obj - merge_s - book_s,
+                    reused=reused)
+        part["ledger_s"] += t1 - t_done
+        part.update(tell_s=t2 - t1, bar_s=t3 - t2, report_s=time.perf_counter() - t3)
         self.trials_run += 1
         return value
 
@@ -279,14 +292,25 @@ class SearchLoop:
     def run(self) -> str:
         """Every rank: trials until rank 0 says stop; returns the reason."""
         started = time.perf_counter()
+        try:
+            return self._trials(started)
+        finally:
+            if self.is_zero and os.environ.get(TIMINGS_ENV):
+                from .io import atomic_write_json
+
+                atomic_write_json(os.environ[TIMINGS_ENV], self.timings)
+
+    def _trials(self, started: float) -> str:
         while True:
             msg = None
+            t_it = time.perf_counter()
             # Every rank votes: SLURM signals every task, but a signal may reach some nodes first.
             preempted = self._preempted()
             if self.is_zero:
                 reason = self._should_stop(started, preempted)
                 if reason is None:
                     t = time.perf_counter()
+                    stop_s = t - t_it
                     prop = self.search.ask()
                     if prop is None:
                         n = len(self.ledger.search_trials())
@@ -303,7 +327,12 @@ class SearchLoop:
             if "stop" in msg:
                 log.info("search stops: %s", msg["stop"])
                 return msg["stop"]
-            self._run_trial(msg)
+            value = self._run_trial(msg)
+            if self.is_zero and value is not None:
+                # Seconds by part; wall_s runs from this iteration's stop check to the end of the report.
+                self.timings.append({"trial": msg["index"], "stop_s": stop_s, "ask_s": msg["ask_s"],
+                                     "broadcast_s": msg["broadcast_s"], **self._last,
+                                     "wall_s": time.perf_counter() - t_it})
 
 
 def _metrics(rec: dict) -> dict:
