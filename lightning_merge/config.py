@@ -306,6 +306,19 @@ class SearchConf:
     ``benchmarks/trial_overhead.py``); where evaluation is kernel-bound (GPUs,
     large models) the thread hides the bookkeeping.
 
+    ``snapshot_every_s``: the Ax snapshot (``ax_snapshot.json``, whose write
+    grows with the experiment: ~1.8 s at 200 trials) is written at most this
+    often, and never more than 5% of the time; always at the end of the search,
+    at a stop and at a preemption. The ledger is the source of truth: a resume
+    after a crash re-attaches what the snapshot lacks (``search.py``).
+
+    ``repeat_tol`` and ``min_gain``: a proposal within ``repeat_tol`` of an
+    evaluated point (in every coordinate of the unit cube) is a repeat, never
+    evaluated; ``paper`` then evaluates its best other point, or ends the search
+    as converged when that point's expected improvement is below ``min_gain``
+    times the best objective (0: never; the search then ends only at its budget
+    or when every candidate point is a repeat). See ``search.py``.
+
     ``warm_start``: weights to evaluate as the search's first trials, one list
     per point, one weight per loaded checkpoint (oldest first), each a point of
     the space (``mode=watch`` starts each round from the previous round's best
@@ -328,6 +341,9 @@ class SearchConf:
     max_failures: int = 3
     restart: bool = False
     background_bookkeeping: bool = True
+    snapshot_every_s: float = 60.0
+    repeat_tol: float = 5e-3
+    min_gain: float = 1e-9
     warm_start: Optional[list[list[float]]] = None
 
     def __post_init__(self) -> None:
@@ -358,6 +374,11 @@ class SearchConf:
                  f"must be >= 1 or null (off), got {self.plateau_trials}")
         _require(self.plateau_tol >= 0, "search.plateau_tol", f"must be >= 0, got {self.plateau_tol}")
         _require(self.max_failures >= 1, "search.max_failures", f"must be >= 1, got {self.max_failures}")
+        _require(0 < self.repeat_tol < 0.5, "search.repeat_tol",
+                 f"must be in (0, 0.5) (a fraction of each parameter's range), got {self.repeat_tol}")
+        _require(self.min_gain >= 0, "search.min_gain", f"must be >= 0 (0: never converge), got {self.min_gain}")
+        _require(self.snapshot_every_s >= 0, "search.snapshot_every_s",
+                 f"must be >= 0 (0: after every trial), got {self.snapshot_every_s}")
         _require(self.warm_start is None or all(len(w) >= 2 for w in self.warm_start), "search.warm_start",
                  f"must be a list of weight lists (one weight per checkpoint), got {self.warm_start}")
 
@@ -396,7 +417,11 @@ class ReportLMEvalConf:
 
 @dataclass
 class ReportConf:
-    """The report in the run directory: ``report.md`` after every trial, plots at most every ``plot_every_s``.
+    """The report in the run directory: ``report.md`` kept current during the search, and its plots.
+
+    During the search report.md is rewritten at most every ``refresh_s`` and
+    the plots at most every ``plot_every_s``, neither more than 5% of the time
+    (``report.LiveReport``); both are written at the end and at a preemption.
 
     ``loggers``: experiment trackers to log to as well, any of ``csv``, ``tensorboard``, ``wandb``,
     ``mlflow`` (Lightning's loggers, on rank 0, under ``<run>/trackers/``; ``trackers.py``): per trial
@@ -405,12 +430,14 @@ class ReportConf:
     """
 
     plot_every_s: float = 30.0
+    refresh_s: float = 5.0
     progress: bool = True
     loggers: list[str] = field(default_factory=list)
     lmeval: "ReportLMEvalConf" = field(default_factory=lambda: ReportLMEvalConf())
 
     def __post_init__(self) -> None:
         _require(self.plot_every_s >= 0, "report.plot_every_s", f"must be >= 0, got {self.plot_every_s}")
+        _require(self.refresh_s >= 0, "report.refresh_s", f"must be >= 0 (0: after every trial), got {self.refresh_s}")
         from .trackers import _parse_names
 
         try:  # an unknown name, or a tracker whose package is missing, is refused before any work

@@ -99,28 +99,51 @@ def write_report(out: Path, results: dict, trials: Sequence[dict], cfg, plots: S
 
 
 class LiveReport:
-    """Keeps ``report.md`` current after every trial (plots at most every ``report.plot_every_s``)."""
+    """Keeps ``report.md`` current during the search, on a time budget.
+
+    Rewriting report.md costs time that grows with the trials (every trial is a
+    row), and the plots cost far more, so neither is redone after every trial
+    of a fast search: report.md at most every ``report.refresh_s`` and the plots
+    at most every ``report.plot_every_s``, and neither more than 5% of the time
+    (the interval is at least 20 times the last refresh's own duration). The
+    first trial's refresh is immediate; ``update(force_plots=True)`` (a
+    preemption) and :meth:`finish` (the end) always write both. The ledger, not
+    the report, is what a resume reads.
+    """
 
     def __init__(self, out: Path, cfg, source_names: Sequence[str], ledger) -> None:
         self.out, self.cfg, self.names, self.ledger = Path(out), cfg, list(source_names), ledger
         self.candidates: list[dict] = []
         self.plots: list[str] = []
         self._plotted = time.monotonic()  # the first plots come after plot_every_s (or at the end)
+        self._plot_cost = 0.0
+        self._written: float | None = None  # when report.md was last refreshed (None: not yet)
+        self._write_cost = 0.0
 
     def _plots(self, results: dict, force: bool) -> None:
-        if not force and time.monotonic() - self._plotted < self.cfg.report.plot_every_s:
+        every = max(self.cfg.report.plot_every_s, 20.0 * self._plot_cost)
+        if not force and time.monotonic() - self._plotted < every:
             return
         from .plots import write_plots
 
+        t = time.perf_counter()
         self.plots = write_plots(self.out, self.ledger.ordered(), results, getattr(self.cfg.search, "alpha", 0.0),
                                  _objective_label(self.cfg), self.names)
+        self._plot_cost = time.perf_counter() - t
         self._plotted = time.monotonic()
 
     def update(self, force_plots: bool = False) -> None:
+        """After a trial: refresh report.md (and the plots) when due; ``force_plots``: both, now."""
+        every = max(self.cfg.report.refresh_s, 20.0 * self._write_cost)
+        if not force_plots and self._written is not None and time.monotonic() - self._written < every:
+            return
         best = self.ledger.best()
         results = {"candidates": self.candidates, "best": best or {}}
-        self._plots(results, force_plots)
+        self._plots(results, force_plots)  # the plots have their own budget
+        t = time.perf_counter()
         write_report(self.out, results, self.ledger.ordered(), self.cfg, self.plots)
+        self._write_cost = time.perf_counter() - t
+        self._written = time.monotonic()
 
     def finish(self, results: dict, draw: bool = True) -> None:
         """The final report.md; ``draw=False`` leaves the plots to :meth:`draw` (a watch round draws them

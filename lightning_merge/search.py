@@ -10,23 +10,40 @@ Ax ``Client`` default (a centre point and Sobol, then its BoTorch GP).
 ``random`` is Ax's ``random_search`` (the centre of the space, then
 scrambled Sobol points). The objective is minimised.
 
-Ax bookkeeping is off the critical path. Ax's ``complete_trial`` and the JSON
-snapshot cost tens of milliseconds a trial and grow with the experiment, while
-the paper optimizer needs nothing from Ax to propose. So the Ax calls run in
-order on one background thread (:class:`_Bookkeeper`) while the next
-evaluation runs; trial indices are assigned here and checked against Ax's.
-Only ``ax`` and ``random``, which ask Ax itself, wait for it first. The
-fsync'd ledger is written synchronously by the driver before any of this, so
-a kill loses at most the trial in flight (see ``ledger.py``).
+Ax bookkeeping is off the critical path, and its cost does not grow per
+trial. Both of Ax's costs grow with the experiment: ``complete_trial`` rebuilds
+the experiment's whole data table (~25 ms a trial at 10 trials, more later),
+and the JSON snapshot serialises every trial (~35 ms at 10 trials, ~1.8 s at
+200). The ledger is the source of truth (a resume rebuilds Ax from it, see
+:meth:`AxSearch.restore`), so neither is needed per trial:
+
+- the snapshot is written on a time budget: at most every
+  ``search.snapshot_every_s``, and never more than 5% of the time (the
+  interval is at least 20 times the last write's duration); and always on
+  :meth:`AxSearch.flush` (the end of the search, a stop, a preemption);
+- ``paper`` and ``grid`` propose without Ax, so their Ax records (attach,
+  complete, fail) are queued and applied in one batch just before each
+  snapshot (:meth:`AxSearch._apply`: one data table rebuild for the batch).
+  ``ax`` and ``random`` ask Ax itself, so it records every trial at once.
+
+The Ax calls run in order on one background thread (:class:`_Bookkeeper`)
+while the next evaluation runs (``search.background_bookkeeping=false``: in
+line); trial indices are assigned here and checked against Ax's. Only ``ax``
+and ``random`` wait for it before they ask. The fsync'd ledger is written
+synchronously by the driver before any of this, so a kill loses at most the
+trial in flight (see ``ledger.py``), and a snapshot that lags the ledger costs
+the resume only the re-attaching of the trials it lacks.
 
 No budget is spent on a point already evaluated. Once the GP believes the
 incumbent is best it proposes it (or a hair beside it) again and again; a
 repeat of a deterministic evaluation teaches it nothing. So the ``paper``
-optimizer's proposal within ``NEAR`` (every unit coordinate) of a completed or
-failed trial is replaced by the acquisition's best point not yet evaluated,
-recorded as ``deduplicated_from`` (the point it replaces, and the trial it
-repeats); when nothing else is worth an evaluation (``bo.GPProposer.propose``),
-``ask`` returns None and the search ends as converged. ``ax`` proposes from
+optimizer's proposal within ``search.repeat_tol`` (default ``NEAR``, every unit
+coordinate) of a completed or failed trial is replaced by the acquisition's
+best point not yet evaluated, recorded as ``deduplicated_from`` (the point it
+replaces, and the trial it repeats); when nothing else is worth an evaluation
+(an expected improvement below ``search.min_gain`` of the best objective, see
+``bo.GPProposer.propose``), ``ask`` returns None and the search ends as
+converged. ``ax`` proposes from
 its own acquisition optimiser, which cannot be asked for a second-best point,
 so a near-repeat from Ax (a sign it has nothing better) ends the search the
 same way, its trial abandoned in Ax. ``grid`` never repeats itself, and
@@ -45,6 +62,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,8 +76,8 @@ __all__ = ["Proposal", "AxSearch", "OBJECTIVE"]
 
 log = logging.getLogger(__name__)
 DIED = "the process died while this trial was running; it is evaluated again"
-NEAR = 5e-3  # a proposal within this of an evaluated point, in every unit coordinate, is a repeat
-WORTH = 1e-9  # an expected improvement below this fraction of the best objective is not worth an evaluation
+NEAR = 5e-3  # search.repeat_tol's default: a proposal within this of an evaluated point, in every unit coordinate
+WORTH = 1e-9  # search.min_gain's default: an expected improvement below this fraction of the best is not worth it
 
 
 @dataclass
@@ -146,6 +164,13 @@ class AxSearch:
                                          parameter_constraints=space.constraints() or None, name=name)
         self.client.configure_optimization(objective=f"-{OBJECTIVE}")
         self._book = _Bookkeeper(background=conf.background_bookkeeping)
+        # paper and grid never ask Ax: their records are queued and applied in batches (module docstring).
+        self._batched = conf.name in ("paper", "grid")
+        self._ops: list[tuple] = []  # queued Ax records, in order: ("attach", params, index), ("complete", ...)
+        self._snapshot: Path | None = None  # where save() writes, once it has been called
+        self._dirty = False  # Ax records since the last scheduled snapshot
+        self._saved_at: float | None = None  # monotonic time the last snapshot was scheduled
+        self._save_cost = 0.0  # seconds the last snapshot took to write (set on the bookkeeping thread)
         self._next = 0
         self._queue: list[tuple[dict[str, float], str, dict]] = []  # (params, origin, what the trial keeps)
         self._params: dict[int, dict[str, float]] = {}
@@ -208,7 +233,8 @@ class AxSearch:
             X = torch.tensor([x for x, _ in self._observed], dtype=torch.float64)
             y = torch.tensor([v for _, v in self._observed], dtype=torch.float64)
             got = self._proposer.propose(X, y, step=len(self._observed), state=HedgeState.from_dict(self.hedge),
-                                         evaluated=self._evaluated_points(), tol=NEAR, worth=WORTH)
+                                         evaluated=self._evaluated_points(), tol=self.conf.repeat_tol,
+                                         worth=self.conf.min_gain if self.conf.min_gain > 0 else -math.inf)
             if got.replaced is not None:
                 dedup = {"params": self.space.from_unit(got.replaced), "trial": self._nearest(got.replaced),
                          "expected_improvement": got.gain}
@@ -234,10 +260,11 @@ class AxSearch:
                 from .bo import near
 
                 unit = self.space.to_unit(params)
-                if bool(near(torch.tensor([unit], dtype=torch.float64), self._evaluated_points(), NEAR)[0]):
-                    self._book.defer(self.client.mark_trial_abandoned, index)
+                tol = self.conf.repeat_tol
+                if bool(near(torch.tensor([unit], dtype=torch.float64), self._evaluated_points(), tol)[0]):
+                    self._record("abandon", index)
                     shown = {k: round(v, 6) for k, v in params.items()}
-                    return self._converge(f"Ax proposed {shown}, within {NEAR:g} of trial {self._nearest(unit)} "
+                    return self._converge(f"Ax proposed {shown}, within {tol:g} of trial {self._nearest(unit)} "
                                           f"already evaluated: its acquisition has nothing better")
             self._params[index] = params
             return Proposal(index, params, self.space.weights(params), "random" if self.conf.name == "random" else "ax")
@@ -265,7 +292,7 @@ class AxSearch:
         index = self._next
         self._next += 1
         self._params[index] = params
-        self._book.defer(self._attach_now, params, index)
+        self._record("attach", params, index)
         return Proposal(index, params, self.space.weights(params), origin, state, deduplicated_from)
 
     def _attach_now(self, params: dict[str, float], expect: int) -> None:
@@ -288,28 +315,103 @@ class AxSearch:
             raise ValueError(f"trial {index}: a non-finite loss ({loss}) is never given to Ax; use fail()")
         self._observed.append((self.space.to_unit(self._params[index]), float(loss)))
         self._evaluated[index] = self._observed[-1][0]
-        self._book.defer(self.client.complete_trial, index, raw_data={OBJECTIVE: float(loss)})
+        self._record("complete", index, float(loss))
 
     def fail(self, index: int, reason: str) -> None:
         """Mark a trial failed; its loss is never given to the surrogate, and its point is not proposed again."""
         if index in self._params:
             self._evaluated[index] = self.space.to_unit(self._params[index])
-        self._book.defer(self.client.mark_trial_failed, index, failed_reason=reason)
+        self._record("fail", index, reason)
 
     def save(self, path: str | Path) -> None:
-        """Snapshot the Ax client atomically, after every call submitted so far."""
-        self._book.defer(_save_client, self.client, Path(path))
+        """Snapshot the Ax client atomically at ``path`` when one is due (see the module docstring).
+
+        Due: no snapshot yet, or ``search.snapshot_every_s`` and 20 times the
+        last write's duration have passed since the last one. The snapshot
+        holds every record made before it. :meth:`flush` writes one whenever
+        records were made since.
+        """
+        self._snapshot = Path(path)
+        now = time.monotonic()
+        every = max(self.conf.snapshot_every_s, 20.0 * self._save_cost)
+        if self._saved_at is None or now - self._saved_at >= every:
+            self._schedule_snapshot(now)
+
+    def _record(self, op: str, *args) -> None:
+        """One Ax record: queued for the next batch (paper, grid), or handed to the bookkeeper now."""
+        self._dirty = True
+        if self._batched:
+            self._ops.append((op, *args))
+        else:
+            self._book.defer(self._apply, [(op, *args)])
+
+    def _schedule_snapshot(self, now: float) -> None:
+        ops, self._ops = self._ops, []
+        self._book.defer(self._apply, ops, self._snapshot)
+        self._saved_at, self._dirty = now, False
+
+    def _apply(self, ops: list[tuple], snapshot: Path | None = None) -> None:
+        """Bookkeeping thread: make the Ax records ``ops`` in order, then write the snapshot (if given).
+
+        The results of a batch go in with one ``attach_data`` (Ax rebuilds its
+        whole data table on each), then each trial is marked completed, which
+        is what ``Client.complete_trial`` does one trial at a time.
+        """
+        done: list[tuple[int, float]] = []
+        for op, *args in ops:
+            if op == "complete":
+                done.append((args[0], args[1]))
+                continue
+            self._complete(done)
+            done = []
+            if op == "attach":
+                self._attach_now(*args)
+            elif op == "fail":
+                self.client.mark_trial_failed(args[0], failed_reason=args[1])
+            elif op == "abandon":
+                self.client.mark_trial_abandoned(args[0])
+            else:  # pragma: no cover - _record's callers name these four
+                raise ValueError(f"unknown Ax record {op!r}")
+        self._complete(done)
+        if snapshot is not None:
+            t = time.perf_counter()
+            _save_client(self.client, snapshot)
+            self._save_cost = time.perf_counter() - t
+
+    def _complete(self, done: list[tuple[int, float]]) -> None:
+        if len(done) == 1:
+            index, loss = done[0]
+            self.client.complete_trial(index, raw_data={OBJECTIVE: loss})
+        elif done:
+            from ax.core.data import Data
+
+            exp = self.client._experiment  # noqa: SLF001 - the batch form of Client.complete_trial
+            trials = [(exp.trials[i], loss) for i, loss in done]
+            exp.attach_data(Data.from_multiple_data(
+                [t._raw_evaluations_to_data({t.arm.name: [(math.nan, {OBJECTIVE: loss})]})  # noqa: SLF001
+                 for t, loss in trials]))
+            for t, _ in trials:
+                t.mark_completed()
 
     def kick(self) -> None:
         """Start the deferred Ax calls in the background; the driver calls it once the trial's merge is done."""
         self._book.kick()
 
     def flush(self) -> None:
-        """Wait until Ax has every result and the last snapshot is on disk."""
+        """Wait until Ax has every record and, once :meth:`save` has named it, the snapshot holds them all."""
+        if self._snapshot is not None and self._dirty:
+            self._schedule_snapshot(time.monotonic())
+        elif self._ops:
+            ops, self._ops = self._ops, []
+            self._book.defer(self._apply, ops)
         self._book.wait()
 
     def close(self) -> None:
-        self._book.close()
+        """Flush (every record in Ax, the last snapshot on disk), then stop the bookkeeping thread."""
+        try:
+            self.flush()
+        finally:
+            self._book.close()
 
     def statuses(self) -> dict[int, str]:
         """Ax's status of every trial (``COMPLETED``, ``FAILED``, ``RUNNING``), after a flush."""
