@@ -314,8 +314,9 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: tensor {name!r} holds non-finite values (NaN or inf)")
         return t
 
-    def _read_range(self, info: TensorInfo, start: int, end: int) -> torch.Tensor:
-        """Elements ``[start, end)`` of a safetensors tensor, read from the file and nothing else."""
+    def _read_range(self, info: TensorInfo, start: int, end: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, end)`` of a safetensors tensor, read from the file and nothing else: into fresh
+        memory, or into the first bytes of ``buf`` (a caller's uint8 buffer, reused across reads)."""
         fh = self._handles.get(info.file)
         if fh is None:
             fh = open(info.file, "rb", buffering=0)
@@ -324,12 +325,38 @@ class Checkpoint:
         n = (end - start) * esize
         if n == 0:
             return torch.empty(0, dtype=info.dtype)
-        buf = bytearray(n)
-        fh.seek(info.offset + start * esize)
-        if fh.readinto(buf) != n:
-            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        if buf is not None and buf.numel() < n:
+            raise ValueError(f"read buffer of {buf.numel()} bytes for a {n}-byte slice of {info.name!r}")
+        raw = torch.empty(n, dtype=torch.uint8) if buf is None else buf[:n]  # not zero-filled: read over at once
+        view, got, pos = memoryview(raw.numpy()), 0, info.offset + start * esize
+        while got < n:  # positional reads (no shared file offset); a regular file returns short only at its end
+            k = os.preadv(fh.fileno(), [view[got:]], pos + got)
+            if k <= 0:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            got += k
         self._bytes_read += n
-        return torch.frombuffer(buf, dtype=info.dtype)
+        return raw.view(info.dtype)
+
+    @property
+    def reads_ranges(self) -> bool:
+        """True when :meth:`read_slice` reads only the slice's bytes (safetensors), so a large tensor can be
+        streamed slice by slice; for other formats it costs up to a whole tensor's read per slice."""
+        return self._reader is None and self.opened is None
+
+    def read_slice_into(self, name: str, start: int, end: int, buf: torch.Tensor) -> torch.Tensor:
+        """:meth:`read_slice` into ``buf``, a caller's uint8 buffer reused from slice to slice (no allocation
+        per read); returns a 1-D view of its first bytes. Needs :attr:`reads_ranges` (safetensors) and a
+        buffer of at least the slice's bytes. Checked finite, as :meth:`read_slice` is."""
+        info = self.tensors[name]
+        if not self.reads_ranges:
+            raise CheckpointError(f"{self.path}: read_slice_into needs a safetensors checkpoint; use read_slice")
+        if not 0 <= start <= end <= math.prod(info.shape):
+            raise CheckpointError(f"{self.path}: slice [{start}, {end}) is outside tensor {name!r} "
+                                  f"({math.prod(info.shape)} elements)")
+        t = self._read_range(info, start, end, buf)
+        if t.is_floating_point() and not _all_finite(t):
+            raise CheckpointError(f"{info.file}: tensor {name!r} holds non-finite values (NaN or inf)")
+        return t
 
     def read_slice(self, name: str, start: int, end: int) -> torch.Tensor:
         """Elements ``[start, end)`` of the flattened tensor ``name`` (a fresh 1-D tensor), read alone where

@@ -1,8 +1,15 @@
 """The streaming merged-model writer: ``write_merged`` and its size-capped safetensors shards.
 
 Tensors are read, merged (``merge.merge_into``, fp32 accumulation) and appended to
-their shard file one at a time, and the folder is published atomically. Pure:
-nothing here knows about ranks, Lightning or Hydra.
+their shard file in slices of a few MiB, and the folder is published atomically.
+The merge is element-wise, so merging a flat slice ``[a, b)`` of every source
+gives exactly those elements of the whole-tensor merge: the output is the same,
+bit for bit, whatever the slice size. Three stages overlap, one thread each: a
+reader fills the next slices of every source into reused buffers, this thread
+merges, a writer appends (file reads and writes, and torch's kernels, release
+the GIL). Peak memory is a few slices per source, not K copies of the largest
+tensor (``benchmarks/write_vs_mergekit.py``, ``benchmarks/write_scale.py``).
+Pure: nothing here knows about ranks, Lightning or Hydra.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ import json
 import math
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -23,6 +32,12 @@ from .merge import MergeError, check_weights, merge_into, read_source
 from .series import CheckpointSeries
 
 __all__ = ["write_merged"]
+
+# Bytes of one source's slice: small next to a model, large enough that per-slice overhead (a few
+# Python calls, one read and one write each) is lost in the copying (benchmarks/write_vs_mergekit.py).
+SLICE_BYTES = 16 << 20
+_AHEAD = 2  # slices read ahead of the merge (each a set of K reused buffers)
+_OUT_SLOTS = 2  # output buffers: one being merged into while the other is written
 
 _COPY_FROM_NEWEST = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -58,12 +73,13 @@ def _out_dtype(series: CheckpointSeries, name: str, dtype: torch.dtype | None) -
 
 
 class _ShardWriter:
-    """Writes one safetensors file tensor by tensor, so a shard is never held whole in memory.
+    """Writes one safetensors file slice by slice, so a shard (or a tensor) is never held whole in memory.
 
     The header (names, dtypes, shapes, offsets) is known from the manifest before
-    any data is merged, so it is written first and each merged tensor is
-    appended as soon as it exists; the file is the same as ``save_file`` would
-    write for these tensors (a little-endian host is assumed, as safetensors does).
+    any data is merged, so it is written first and each merged slice is appended
+    as soon as it exists, in the header's order; the file is the same as
+    ``save_file`` would write for these tensors (a little-endian host is
+    assumed, as safetensors does).
     """
 
     def __init__(self, path: Path, layout: list[tuple[str, tuple, torch.dtype]]) -> None:
@@ -77,38 +93,120 @@ class _ShardWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
-        self.path, self.fh, self.i = path, open(path, "wb"), 0
+        self.path, self.fh, self.i, self.done = path, open(path, "wb"), 0, 0
         self.fh.write(len(raw).to_bytes(8, "little") + raw)
 
     def write(self, t: torch.Tensor) -> None:
+        """Append ``t``: the next slice (or all) of the current tensor's bytes."""
         name, nbytes = self.expected[self.i]
         data = t.contiguous().view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        if data.numel() != nbytes:  # pragma: no cover - the layout comes from the same manifest
-            raise MergeError(f"{self.path}: tensor {name!r} has {data.numel()} bytes, header says {nbytes}")
+        if self.done + data.numel() > nbytes:  # pragma: no cover - the layout comes from the same manifest
+            raise MergeError(f"{self.path}: tensor {name!r} got {self.done + data.numel()} bytes, header says {nbytes}")
         self.fh.write(memoryview(data.numpy()))
-        self.i += 1
+        self.done += data.numel()
+        if self.done == nbytes:
+            self.i, self.done = self.i + 1, 0
 
-    def __enter__(self) -> "_ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None and self.i != len(self.expected):  # pragma: no cover
+    def close(self) -> None:
+        """Flush and fsync the complete file."""
+        if self.i != len(self.expected):  # pragma: no cover
             self.fh.close()
             raise MergeError(f"{self.path}: wrote {self.i} of {len(self.expected)} tensors")
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
 
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.fh.close()
+
+
+class _Piece(NamedTuple):
+    """Elements ``[start, end)`` of tensor ``name``, the next bytes of shard ``shard``."""
+
+    shard: int
+    name: str
+    start: int
+    end: int
+    dtype: torch.dtype  # the output's
+    last: bool  # the shard's last piece
+
+
+def _pieces(series: CheckpointSeries, shards: list[list[str]], dtype: torch.dtype | None,
+            slice_bytes: int) -> list[_Piece]:
+    """Every tensor cut into flat slices of at most ``slice_bytes`` per source (and output), in write order."""
+    out: list[_Piece] = []
+    for si, shard in enumerate(shards):
+        for n in shard:
+            odt = _out_dtype(series, n, dtype)
+            esize = max(d.itemsize for d in [odt] + [ck.tensors[n].dtype for ck in series.checkpoints])
+            step = max(1, slice_bytes // esize)
+            total = math.prod(series.newest.tensors[n].shape)
+            for a in range(0, max(total, 1), step):
+                out.append(_Piece(si, n, a, min(a + step, total), odt, False))
+        out[-1] = out[-1]._replace(last=True)
+    return out
+
+
+class _Into:
+    """A checkpoint whose ``read_slice`` fills ``buf`` (``Checkpoint.read_slice_into``), so that
+    ``merge.read_source`` reads into a reused buffer and still words a failure as it always does."""
+
+    def __init__(self, ck, buf: torch.Tensor) -> None:
+        self.ck, self.buf, self.path = ck, buf, ck.path
+
+    def read_slice(self, name: str, start: int, end: int) -> torch.Tensor:
+        return self.ck.read_slice_into(name, start, end, self.buf)
+
+
+class _SliceReader:
+    """Reads each piece's slice of every source, ahead of the merge, into ``_AHEAD`` sets of reused buffers.
+
+    Safetensors sources are read by byte range (``Checkpoint.reads_ranges``) into a
+    buffer per source and set. Other formats (``.bin``, ``.ckpt``, ZeRO, the
+    frameworks' formats) read a whole tensor once, at its first piece, and hand
+    out views of it. Runs in one thread (so pieces are read in order); a set is
+    reused only after the piece that used it was merged (see ``_write_pieces``).
+    """
+
+    def __init__(self, checkpoints, pieces: list[_Piece]) -> None:
+        self.cks = list(checkpoints)
+        self.ranged = [ck.reads_ranges for ck in self.cks]
+        sizes = [max((p.end - p.start) * ck.tensors[p.name].dtype.itemsize for p in pieces) if r else 0
+                 for ck, r in zip(self.cks, self.ranged)]
+        self.sets = [[_Into(ck, torch.empty(size, dtype=torch.uint8)) if r else None
+                      for ck, r, size in zip(self.cks, self.ranged, sizes)] for _ in range(_AHEAD)]
+        self.whole: list[tuple[str, torch.Tensor] | None] = [None] * len(self.cks)
+
+    def read(self, p: _Piece, slot: int) -> list[torch.Tensor]:
+        srcs = []
+        for k, ck in enumerate(self.cks):
+            if self.ranged[k]:
+                srcs.append(read_source(self.sets[slot][k], p.name, p.start, p.end))
+                continue
+            if self.whole[k] is None or self.whole[k][0] != p.name:
+                self.whole[k] = None  # the previous tensor goes before the next is read
+                self.whole[k] = (p.name, read_source(ck, p.name).reshape(-1))
+            srcs.append(self.whole[k][1][p.start:p.end])
+        return srcs
+
 
 def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: str | Path, *,
                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3,
                  normalize: bool | None = False, nonfloat: str = "equal", metadata: Mapping | None = None,
-                 extra_files: Mapping[str, str] | None = None) -> Path:
+                 extra_files: Mapping[str, str] | None = None, slice_bytes: int = SLICE_BYTES) -> Path:
     """Stream the merge of ``series`` with ``weights`` into an HF checkpoint at ``out_dir``.
 
-    Tensors are read, merged and appended to their shard file one at a time, so
-    peak memory is one tensor per source plus its merge, never a whole shard,
-    let alone K whole checkpoints. Shards
+    Tensors are read, merged and appended to their shard file in flat slices of
+    at most ``slice_bytes`` per source, reading ahead while merging and writing,
+    so peak memory is a few slices per source (plus, for formats without
+    byte-range reads, one whole tensor per source), never a whole shard, let
+    alone K whole checkpoints; the bytes do not depend on ``slice_bytes``. Shards
     are size-capped safetensors files (``model.safetensors`` when one suffices,
     else ``model-0000i-of-0000N.safetensors`` plus the HF index). ``config.json``
     and the tokenizer files are copied from the newest source; ``merge.yaml``
@@ -128,28 +226,86 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
         raise disk_full(out_dir, need, "the merged model (and a 2% + 1 MiB margin)")
     try:
         return _write_merged(series, w, out_dir, shards, need, dtype, bool(normalize), nonfloat, metadata,
-                             extra_files)
+                             extra_files, slice_bytes)
     except OSError as e:
         if e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):  # the disk filled up meanwhile
             raise disk_full(out_dir, need, "the merged model (and a 2% + 1 MiB margin)") from e
         raise
 
 
-def _write_merged(series, w, out_dir, shards, need, dtype, normalize, nonfloat, metadata, extra_files) -> Path:
+def _write_pieces(series: CheckpointSeries, w: list[float], tmp: Path, shards: list[list[str]],
+                  fnames: list[str], dtype: torch.dtype | None, nonfloat: str, slice_bytes: int) -> None:
+    """Read, merge and append every piece, the three stages overlapped (see the module docstring)."""
+    pieces = _pieces(series, shards, dtype, slice_bytes)
+    reader = _SliceReader(series.checkpoints, pieces)
+    out_bytes = max((p.end - p.start) * p.dtype.itemsize for p in pieces)
+    outs = [torch.empty(out_bytes, dtype=torch.uint8) for _ in range(_OUT_SLOTS)]
+    writing: list[Future | None] = [None] * _OUT_SLOTS  # the write of each output buffer, when in flight
+    reads: deque[Future] = deque()
+    open_writers: list[_ShardWriter] = []
+    closes: list[Future] = []
+    failed: list[BaseException] = []  # after a write fails, the writer thread does no more I/O
+
+    def in_order(fn, *args):
+        if failed:
+            return
+        try:
+            fn(*args)
+        except BaseException as e:
+            failed.append(e)
+            raise
+
+    # The three stages are the parallelism. torch's own threads on top (a team per stage that runs a
+    # kernel) oversubscribe the cores, and a team waiting on a descheduled thread is slow: on a busy
+    # 2-core machine the merge took 25 s with 2 threads, 0.9 s with 1 (benchmarks/README.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)) // 4)))
+    rpool, wpool = ThreadPoolExecutor(1, "lm-read"), ThreadPoolExecutor(1, "lm-write")
+    try:
+        for i, p in enumerate(pieces):
+            # piece j uses buffer set j % _AHEAD, free once piece j - _AHEAD was merged (last iteration)
+            for j in range(i + len(reads), min(i + _AHEAD, len(pieces))):
+                reads.append(rpool.submit(reader.read, pieces[j], j % _AHEAD))
+            srcs = reads.popleft().result()
+            if not open_writers or open_writers[-1].path.name != fnames[p.shard]:
+                layout = [(n, tuple(series.newest.tensors[n].shape), _out_dtype(series, n, dtype))
+                          for n in shards[p.shard]]
+                open_writers.append(_ShardWriter(tmp / fnames[p.shard], layout))
+            slot = i % _OUT_SLOTS
+            if writing[slot] is not None:
+                writing[slot].result()  # its last write is done: the buffer is free
+            nbytes = (p.end - p.start) * p.dtype.itemsize
+            out = outs[slot][:nbytes].view(p.dtype)
+            if nbytes:
+                merge_into({p.name: out}, [{p.name: t} for t in srcs], w, nonfloat=nonfloat)
+            del srcs
+            writing[slot] = wpool.submit(in_order, open_writers[-1].write, out)
+            if p.last:
+                closes.append(wpool.submit(in_order, open_writers[-1].close))
+            if failed:  # a write or a shard's fsync failed: stop at once, with its error
+                raise failed[0]
+        for f in [*writing, *closes]:
+            if f is not None:
+                f.result()
+    finally:
+        for f in reads:
+            f.cancel()
+        rpool.shutdown(wait=True, cancel_futures=True)
+        wpool.shutdown(wait=True, cancel_futures=True)
+        for sw in open_writers:  # after a failure: the folder is removed, only the handles need closing
+            if not sw.fh.closed:
+                sw.fh.close()
+        torch.set_num_threads(threads)
+
+
+def _write_merged(series, w, out_dir, shards, need, dtype, normalize, nonfloat, metadata, extra_files,
+                  slice_bytes) -> Path:
     total = len(shards)
-    weight_map: dict[str, str] = {}
+    fnames = ["model.safetensors" if total == 1 else f"model-{si + 1:05d}-of-{total:05d}.safetensors"
+              for si in range(total)]
+    weight_map = {n: fnames[si] for si, shard in enumerate(shards) for n in shard}
     with publishing_dir(out_dir) as tmp:
-        for si, shard in enumerate(shards):
-            fname = "model.safetensors" if total == 1 else f"model-{si + 1:05d}-of-{total:05d}.safetensors"
-            layout = [(n, tuple(series.newest.tensors[n].shape), _out_dtype(series, n, dtype)) for n in shard]
-            with _ShardWriter(tmp / fname, layout) as writer:
-                for n, shape, out_dtype in layout:
-                    srcs = [read_source(ck, n) for ck in series.checkpoints]
-                    out = torch.empty(shape, dtype=out_dtype)
-                    merge_into({n: out}, [{n: t} for t in srcs], w, nonfloat=nonfloat)
-                    del srcs
-                    writer.write(out)
-                    weight_map[n] = fname
+        _write_pieces(series, w, tmp, shards, fnames, dtype, nonfloat, slice_bytes)
         if total > 1:
             index = {"metadata": {"total_size": need}, "weight_map": weight_map}
             atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
