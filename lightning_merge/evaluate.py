@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
 from .config import StrategyConf
-from .sampling import ShardSampler
+from .sampling import ShardSampler, StagedBatches
 
 __all__ = ["EvalResult", "TokenNLL", "ShardSampler", "CausalLMEval", "Evaluator"]
 
@@ -83,22 +83,6 @@ class TokenNLL(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {"nll": self.nll, "tokens": self.tokens}
-
-
-class _Blocks(Dataset):
-    """Blocks plus a validity flag; indices past the end are masked padding."""
-
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.blocks.shape[0]
-        if i < n:
-            return self.blocks[i], torch.tensor(1, dtype=torch.int64)
-        return self.blocks[0], torch.tensor(0, dtype=torch.int64)
 
 
 class CausalLMEval(L.LightningModule):
@@ -297,6 +281,7 @@ class Evaluator:
         self.hook_seconds = 0.0  # time in on_merged (Ax bookkeeping when it runs in line)
         self.eval_seconds = 0.0  # all evaluations so far, their merges and hooks left out (mode=watch's cost figure)
         self.on_batch: Callable[[int, int], None] | None = None  # progress within an evaluation (rank 0)
+        self._staged: dict[tuple, StagedBatches] = {}  # held-out sets' batches, on the device once per run
         self.on_merged: Callable[[], None] | None = None  # called when a trial's parameters are ready
         # Lightning's banner (GPU/TPU available, tips) would repeat on every rank; keep warnings.
         for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -503,8 +488,13 @@ class Evaluator:
     def evaluate(self, blocks: torch.Tensor) -> EvalResult:
         """Exact held-out loss of the model's current parameters on ``blocks``."""
         t0 = time.perf_counter()
-        loader = DataLoader(_Blocks(blocks), batch_size=self.batch_size,
-                            sampler=ShardSampler(blocks.shape[0]), num_workers=0)
+        key = (blocks.data_ptr(), tuple(blocks.shape), blocks.dtype, self.batch_size)
+        if key not in self._staged:  # the same held-out set every trial: batched and on the device once
+            if len(self._staged) >= 8:  # a few sets per run (search, report, out-of-domain); watch rounds add more
+                self._staged.pop(next(iter(self._staged)))
+            # The entry holds ``blocks``, so no other tensor can take its address while it is cached.
+            self._staged[key] = StagedBatches(blocks, self.batch_size, lambda: self.trainer.strategy.root_device)
+        loader = DataLoader(self._staged[key], batch_size=None, num_workers=0)
         self.module.result = None
         self.merge_seconds = self.hook_seconds = 0.0
         self.trainer.validate(self.module, dataloaders=loader, verbose=False)

@@ -1,4 +1,4 @@
-"""The sampler that splits held-out blocks across ranks: each block to exactly one rank.
+"""The split of held-out blocks across ranks: each block to exactly one rank, batched once per run.
 
 Its own module so that any evaluation can shard the same way without importing
 ``evaluate`` (and its Lightning set-up). Pure: reads the rank from
@@ -7,12 +7,12 @@ Its own module so that any evaluation can shard the same way without importing
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
-__all__ = ["ShardSampler"]
+__all__ = ["ShardSampler", "StagedBatches"]
 
 
 class ShardSampler(Sampler[int]):
@@ -40,3 +40,42 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         _, world = self._rank_world()
         return -(-self.n // world)
+
+
+class StagedBatches(Dataset):
+    """This rank's batches of ``blocks``, built once on the evaluation device and reused by every trial.
+
+    The blocks do not change between trials, so there is nothing to collate or
+    copy to the device per batch: batch ``j`` is ``(ids, valid)``, exactly what a
+    ``DataLoader(..., batch_size, sampler=ShardSampler(n))`` over per-block
+    ``(block, 1)`` items (padding: ``(blocks[0], 0)``) would give, already on
+    ``device()`` (Lightning's transfer of a tensor already there is a no-op). They
+    are built at the first iteration, when the rank is known, and again only if
+    the rank, world size or device change. Use with ``batch_size=None``.
+    """
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, device: Callable[[], torch.device]) -> None:
+        self.blocks, self.batch_size, self.device = blocks, batch_size, device
+        self._key: tuple | None = None
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = ShardSampler._rank_world()
+        dev = torch.device(self.device())
+        if self._key != (rank, world, dev):
+            n = self.blocks.shape[0]
+            idx = torch.tensor(list(ShardSampler(n)), dtype=torch.int64)
+            out = []
+            for a in range(0, idx.numel(), self.batch_size):
+                i = idx[a:a + self.batch_size]
+                valid = (i < n).to(torch.int64)
+                ids = self.blocks[torch.where(i < n, i, 0)]
+                out.append((ids.to(dev), valid.to(dev)))
+            self._batches, self._key = out, (rank, world, dev)
+        return self._batches
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches()[j]

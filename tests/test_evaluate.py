@@ -90,3 +90,31 @@ def test_bad_data_errors_name_the_problem(tiny_run, tokenizer, tmp_path):
         load_blocks(TextSetConf(path=str(empty)), tokenizer)
     with pytest.raises(DataError, match="does not exist"):
         load_blocks(TextSetConf(path=str(tmp_path / "nope.jsonl")), tokenizer)
+
+
+def test_staged_batches_are_the_loader_batches_on_every_rank(monkeypatch):
+    """StagedBatches gives exactly what the per-block DataLoader gave: same ids, same validity, same order."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_merge.sampling import StagedBatches
+
+    class PerBlock(Dataset):  # the per-trial loader this replaced
+        def __init__(self, blocks):
+            self.blocks = blocks
+
+        def __len__(self):
+            return self.blocks.shape[0]
+
+        def __getitem__(self, i):
+            n = self.blocks.shape[0]
+            return (self.blocks[i], torch.tensor(1)) if i < n else (self.blocks[0], torch.tensor(0))
+
+    blocks = torch.arange(11 * 6).view(11, 6)
+    for world in (1, 2, 3, 4):
+        for rank in range(world):
+            monkeypatch.setattr(ShardSampler, "_rank_world", staticmethod(lambda r=rank, w=world: (r, w)))
+            old = list(DataLoader(PerBlock(blocks), batch_size=4, sampler=ShardSampler(11)))
+            new = list(DataLoader(StagedBatches(blocks, 4, lambda: "cpu"), batch_size=None))
+            assert len(old) == len(new)
+            for (a, va), (b, vb) in zip(old, new):
+                assert torch.equal(a, b) and torch.equal(va, vb) and va.dtype == vb.dtype
