@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One GPU check, under 5 minutes on one H100: what the machine is, the GPU-only tests
+# One GPU check, under 8 minutes on one H100: what the machine is, the GPU-only tests
 # (tests/test_gpu.py: ZeRO-3 partition merging under Lightning's DeepSpeedStrategy, and one-GPU
-# evaluation, against single-process references), and evaluation throughput of our Evaluator next to
-# a plain torch.inference_mode transformers loop on the same blocks (~100M-param Llama, bf16).
+# evaluation, against single-process references), the resident re-merge's bandwidth against
+# torch._foreach_copy_ (eager and the compiled Triton kernel, fp32 and bf16, K = 2 and 4, with their
+# bitwise agreement), and evaluation throughput of our Evaluator next to a plain
+# torch.inference_mode transformers loop on the same blocks (~100M-param Llama, bf16).
 #
 # usage: bash benchmarks/gpu_check.sh          (PYTHON=... to pick the interpreter)
 # Everything printed also goes to $OUT/gpu_check.log when $OUT is set. Installs nothing unless an
@@ -47,7 +49,11 @@ timeout 270 $PY -m pytest -q -rs -p no:cacheprovider -m 'slow or not slow' tests
 TESTS_RC=$?
 echo "tests exit status: $TESTS_RC"
 
-section "evaluation throughput (bf16, one GPU): Evaluator vs plain transformers loop"
+section "resident re-merge (one GPU): MergePlan.run eager and compiled vs torch._foreach_copy_ (goal >= 0.8)"
+timeout 180 $PY benchmarks/resident_merge.py --device cuda --threads 1 --repeats 7
+echo "resident merge exit status: $?"
+
+section "evaluation throughput (bf16, one GPU): Evaluator vs plain transformers loop (goal >= 0.95)"
 timeout 150 $PY - <<'EOF'
 import copy, logging, time, warnings
 import torch
