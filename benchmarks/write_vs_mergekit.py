@@ -174,8 +174,9 @@ def _child_ours(spec: str) -> None:
     from lightning_merge.series import CheckpointSeries
     from lightning_merge.writer import write_merged
 
+    kw = {"slice_bytes": a["slice_bytes"]} if a.get("slice_bytes") else {}
     write_merged(CheckpointSeries.from_sources(a["paths"]), a["weights"], a["out"],
-                 max_shard_bytes=a["max_shard_bytes"])
+                 max_shard_bytes=a["max_shard_bytes"], **kw)
 
 
 # ---------------------------------------------------------------- comparing outputs
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="our output shard caps to run (default: our 5 GiB default, and 200MB)")
     ap.add_argument("--out-shard-size", nargs="+", default=["5B", "200M"],
                     help="mergekit's --out-shard-size values to run, paired with --max-shard-bytes")
+    ap.add_argument("--slice-bytes", type=_size_arg, default=None,
+                    help="our writer's slice size per source (default: lightning_merge.writer.SLICE_BYTES)")
     ap.add_argument("--mergekit-yaml", default=None,
                     help=f"path to mergekit-yaml (default: on PATH, else {MKVENV}/bin/mergekit-yaml)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each; the median is reported")
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     for cap, mk_cap in caps:
         out = args.workdir / f"out_ours_{cap}"
         child = json.dumps({"paths": [str(p) for p in paths], "weights": args.weights,
-                            "out": str(out), "max_shard_bytes": cap})
+                            "out": str(out), "max_shard_bytes": cap, "slice_bytes": args.slice_bytes})
         m = run_repeated([sys.executable, str(Path(__file__).resolve()), "--child-ours", child],
                          args.workdir / f"time_ours_{cap}.log", args.repeats,
                          lambda: (shutil.rmtree(out, ignore_errors=True), wait_quiet(args.wait_quiet)))

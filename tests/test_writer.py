@@ -8,7 +8,10 @@ tiny ``slice_bytes`` and compare bit for bit with ``merge_into`` over whole tens
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -157,3 +160,36 @@ def test_an_overflowing_merge_in_a_late_slice_leaves_nothing(tmp_path):
     with pytest.raises(MergeError, match="'w' with weights"):
         write_merged(CheckpointSeries.from_sources(paths), [1.0, 1.0], tmp_path / "m", slice_bytes=400)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s0", "s1"]
+
+
+def test_plain_writes_where_o_direct_is_refused_give_the_same_files(tiny_run, tmp_path, monkeypatch):
+    """Shards are written with O_DIRECT through an aligned stage (tail padded, then truncated); a filesystem
+    that refuses O_DIRECT at open (EINVAL) or at the first write gets plain writes of the same bytes."""
+    series = CheckpointSeries.from_sources(tiny_run["paths"][:2])
+    monkeypatch.setattr(writer, "_STAGE_BYTES", 8192)  # many full blocks and a padded tail per shard
+    ref = write_merged(series, [0.4, 0.6], tmp_path / "direct", max_shard_bytes=40_000)
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def no_direct_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(writer.os, "open", no_direct_open)
+    a = write_merged(series, [0.4, 0.6], tmp_path / "plain_open", max_shard_bytes=40_000)
+    monkeypatch.setattr(writer.os, "open", real_open)
+    refused = []
+
+    def no_direct_pwrite(fd, data, pos):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(pos)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(writer.os, "pwrite", no_direct_pwrite)
+    b = write_merged(series, [0.4, 0.6], tmp_path / "plain_write", max_shard_bytes=40_000)
+    assert refused  # the fallback really ran
+    files = sorted(p.name for p in ref.glob("*.safetensors"))
+    assert len(files) > 1
+    for f in files:
+        assert (a / f).read_bytes() == (ref / f).read_bytes() == (b / f).read_bytes()
