@@ -109,6 +109,29 @@ class GPProposer:
     def set_candidates(self, candidates: torch.Tensor) -> None:
         """Restrict proposals to these unit-cube points (e.g. ones a constrained space allows)."""
         self.candidates = candidates.to(torch.float64)
+        self._taken_cache = None
+
+    _taken_cache: tuple | None = None  # (tol, evaluated points, candidates, mask) of the last call of _taken
+
+    def _taken(self, evaluated: torch.Tensor | None, tol: float) -> torch.Tensor:
+        """:func:`near` of every candidate, updated only for the points evaluated since the last proposal.
+
+        A search only adds evaluated points, so scanning all of them against
+        every candidate each time (4096 x 200 x 7 differences at 200 trials in
+        7-D, ~50 MB) would repeat what is known; any other change starts afresh.
+        """
+        n = 0 if evaluated is None else evaluated.shape[0]
+        c = self._taken_cache
+        if c is not None and c[0] == tol and c[2] is self.candidates and c[1].shape[0] <= n \
+                and torch.equal(c[1], evaluated[: c[1].shape[0]]):
+            done, mask = c[1].shape[0], c[3]
+            if n > done:
+                mask = mask | near(self.candidates, evaluated[done:], tol)
+        else:
+            mask = near(self.candidates, evaluated, tol)
+        if n:
+            self._taken_cache = (tol, evaluated.clone(), self.candidates, mask)
+        return mask
 
     def _fit(self, X: torch.Tensor, loss: torch.Tensor):
         """A ``SingleTaskGP`` (BoTorch defaults) with MAP hyperparameters; see :func:`map_hyperparameters`."""
@@ -189,7 +212,7 @@ class GPProposer:
         # PI with no margin re-proposes the incumbent forever; ask for a tenth of a standard deviation.
         self.pi_xi = 0.1 * float(loss.std()) if loss.numel() > 1 else 0.0
         state = HedgeState.from_dict(state.to_dict()) if state is not None else HedgeState()
-        taken = near(self.candidates, evaluated, tol)
+        taken = self._taken(evaluated, tol)
         if bool(taken.all()):
             return Proposed(None, self.acquisition, state, converged=f"every one of the {len(taken)} candidate "
                             f"points lies within {tol:g} of an evaluated point")

@@ -299,10 +299,11 @@ class SearchConf:
     objective improved by less than ``plateau_tol`` (relative) over the last
     ``plateau_trials`` trials. ``restart=true`` moves an earlier search in the
     same output_dir aside instead of resuming it. ``background_bookkeeping``:
-    run Ax's record keeping and snapshot of a trial (~80 ms at 10 trials, growing
-    with the experiment) on a thread beside the next evaluation; false runs them
-    in line. On the Python-bound CPU default the two measured within noise of
-    each other (the thread slows the evaluation about as much as it hides; see
+    run Ax's record keeping and snapshot (per trial for ``ax`` and ``random``;
+    in batches on the snapshot's time budget for ``paper`` and ``grid``) on a
+    thread beside the next evaluation; false runs them in line. On the
+    Python-bound CPU default the two measured within noise of each other (the
+    thread slows the evaluation about as much as it hides; see
     ``benchmarks/trial_overhead.py``); where evaluation is kernel-bound (GPUs,
     large models) the thread hides the bookkeeping.
 

@@ -270,3 +270,16 @@ def test_the_loop_records_each_trials_parts_for_the_benchmark(tmp_path, monkeypa
                                    "tell_s", "bar_s", "report_s"))
         assert 0 < parts <= r["wall_s"] + 1e-6
     assert os.path.exists(tmp_path / "ax_snapshot.json")
+
+
+def test_the_repeat_mask_is_updated_incrementally_and_equals_a_full_scan():
+    from lightning_merge.bo import near
+
+    g = GPProposer(3, "ei", seed=0, sobol=512)
+    pts = torch.rand(40, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for n in (0, 1, 5, 6, 20, 40):
+        ev = pts[:n] if n else None
+        assert torch.equal(g._taken(ev, 0.05), near(g.candidates, ev, 0.05)), n
+    other = pts[10:30]  # not an extension of what it saw: a full scan again
+    assert torch.equal(g._taken(other, 0.05), near(g.candidates, other, 0.05))
+    assert torch.equal(g._taken(other, 0.2), near(g.candidates, other, 0.2))  # another tolerance
