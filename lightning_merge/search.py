@@ -353,18 +353,17 @@ class AxSearch:
     def _apply(self, ops: list[tuple], snapshot: Path | None = None) -> None:
         """Bookkeeping thread: make the Ax records ``ops`` in order, then write the snapshot (if given).
 
-        The results of a batch go in with one ``attach_data`` (Ax rebuilds its
-        whole data table on each), then each trial is marked completed, which
-        is what ``Client.complete_trial`` does one trial at a time.
+        The results of a batch go in last, with one ``attach_data`` (Ax
+        rebuilds its whole data table on each), then each trial is marked
+        completed, which is what ``Client.complete_trial`` does one trial at a
+        time. (A result only needs its own trial attached, and no other record
+        depends on a result.)
         """
         done: list[tuple[int, float]] = []
         for op, *args in ops:
             if op == "complete":
                 done.append((args[0], args[1]))
-                continue
-            self._complete(done)
-            done = []
-            if op == "attach":
+            elif op == "attach":
                 self._attach_now(*args)
             elif op == "fail":
                 self.client.mark_trial_failed(args[0], failed_reason=args[1])

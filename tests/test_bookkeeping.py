@@ -58,7 +58,11 @@ def test_batched_ax_records_equal_the_per_trial_ones(tmp_path, name):
     space = PairwiseSpace(0.3)
     lazy, told = _run(SearchConf(name=name, trials=9, acquisition="ei", snapshot_every_s=1e9), space,
                       tmp_path / "lazy.json", 9, fail_at=(4,))
+    one_by_one = []
+    real = lazy.client.complete_trial
+    lazy.client.complete_trial = lambda *a, **k: one_by_one.append(a) or real(*a, **k)
     lazy.close()
+    assert one_by_one == []  # trials 1-8 went in as one batch at the end (trial 0 with the first snapshot)
     eager, told2 = _run(SearchConf(name=name, trials=9, acquisition="ei", snapshot_every_s=1e9), space,
                         tmp_path / "eager.json", 9, fail_at=(4,), batched=False)
     eager.close()
