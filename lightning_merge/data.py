@@ -36,7 +36,8 @@ import torch
 
 from .config import TextSetConf
 
-__all__ = ["DataError", "load_dataset_split", "load_texts", "pack_blocks", "evenly_spaced", "load_blocks"]
+__all__ = ["DataError", "load_dataset_split", "load_texts", "pack_blocks", "evenly_spaced", "evenly_spaced_index",
+           "load_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,15 @@ def _cut(ids: list[int], block_size: int) -> torch.Tensor:
 
 def evenly_spaced(blocks: torch.Tensor, n: int | None) -> torch.Tensor:
     """Keep ``n`` blocks evenly spaced over the stream (all of them if ``n`` is None or too large)."""
-    total = blocks.shape[0]
+    idx = evenly_spaced_index(blocks.shape[0], n)
+    return blocks if idx is None else blocks[idx]
+
+
+def evenly_spaced_index(total: int, n: int | None) -> torch.Tensor | None:
+    """The indices :func:`evenly_spaced` keeps (distinct, ascending), or None when it keeps every block."""
     if n is None or n >= total:
-        return blocks
-    idx = torch.linspace(0, total - 1, n).round().long()
-    return blocks[idx]
+        return None
+    return torch.linspace(0, total - 1, n).round().long()
 
 
 def _subset(docs: list[list[int]], conf: TextSetConf) -> list[list[int]]:

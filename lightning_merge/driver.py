@@ -28,7 +28,7 @@ from .io import sweep_leftovers
 from .rankwatch import guard
 from .series import CheckpointSeries
 from .config import ConfigError, RunConfig
-from .data import evenly_spaced, load_blocks
+from .data import evenly_spaced_index, load_blocks
 from .merge import weight_sum_warning
 from .writer import write_merged
 from .slurm import Preemption
@@ -418,7 +418,14 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
                         series.config_dir)
         tok = load_tokenizer(tokenizer_dir(series, cfg.checkpoints.tokenizer_dir), trust_remote_code=trust)
         report_blocks = load_blocks(cfg.data.heldout, tok, "heldout", cache_dir=cfg.cache_dir)
-        search_blocks = evenly_spaced(report_blocks, cfg.data.search_blocks)
+        # The search blocks are a subset of the report set: a candidate's report loss adds the rest's sums
+        # to its search-set sums (the ones its trial computed), so no block is scored twice.
+        idx = evenly_spaced_index(report_blocks.shape[0], cfg.data.search_blocks)
+        search_blocks = report_blocks if idx is None else report_blocks[idx]
+        rest = torch.ones(report_blocks.shape[0], dtype=torch.bool)
+        if idx is not None:
+            rest[idx] = False
+        rest_blocks = report_blocks[rest]
         ood_blocks = {name: load_blocks(c, tok, f"ood.{name}", cache_dir=cfg.cache_dir)
                       for name, c in cfg.data.ood.items()}
         lm_plan = None
@@ -450,9 +457,26 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
             lm_cache[key] = scorer.objective()
         return lm_cache[key]
 
+    # (binding, weights) -> the search set's NLL sum and tokens, from the trial that scored them. Weights are keyed
+    # to 12 decimals, as the loop keys trials (a baseline's weights and its trial's, rebuilt from the search
+    # space's parameters, can differ in the last bit: 1/3 against 1 - 2/3).
+    search_sums: dict[tuple, tuple[float, int]] = {}
+
+    def sums_key(weights: list[float]) -> tuple:
+        return (evaluator.binding, *(round(float(w), 12) for w in weights))
+
     def full_eval(weights: list[float]) -> dict:
+        """The report set (search blocks + the rest, token-weighted: exact), out-of-domain sets, lm-eval."""
         evaluator.set_weights(weights)
-        res = {"heldout_loss": evaluator.evaluate(report_blocks).loss}
+        key = sums_key(weights)
+        if key not in search_sums:  # not a trial of this process (a resumed run): the same evaluation again
+            r = evaluator.evaluate(search_blocks)
+            search_sums[key] = (r.nll_sum, r.tokens)
+        nll, tokens = search_sums[key]
+        if rest_blocks.shape[0]:
+            r = evaluator.evaluate(rest_blocks)
+            nll, tokens = nll + r.nll_sum, tokens + r.tokens
+        res = {"heldout_loss": nll / tokens}
         res["heldout_ppl"] = math.exp(res["heldout_loss"])
         res["ood_loss"] = {n: evaluator.evaluate(b).loss for n, b in ood_blocks.items()}
         if cfg.search.objective == "lmeval":
@@ -464,6 +488,7 @@ def _session(cfg: RunConfig, series: CheckpointSeries, stages: Stages, check: Ca
         evaluator.set_weights(weights)
         if cfg.search.objective == "heldout_loss":
             r = evaluator.evaluate(search_blocks)
+            search_sums[sums_key(weights)] = (r.nll_sum, r.tokens)
             return r.loss, {"heldout_loss": r.loss, "tokens": r.tokens}
         return lm_objective(weights)  # search.objective=lmeval
 
