@@ -16,10 +16,12 @@ this script samples ``/proc/PID/status`` for the split of resident memory into
 anonymous (heap) and file-backed (mmapped checkpoint pages) parts. It then
 checks that both outputs hold the same tensors, equal to within bf16 rounding.
 
-Goal: ours faster than mergekit, with at most half its peak RSS (same shard cap).
+Goal (issue 15): at most half mergekit's wall time and half its peak RSS, at every shard cap. The
+outputs must be bitwise equal (both accumulate in fp32 and round once to bf16).
 
     python benchmarks/write_vs_mergekit.py                    # ~0.5B x 4, 4 GB on disk
     python benchmarks/write_vs_mergekit.py --layers 2 --vocab 4000   # a quick look
+    python benchmarks/write_vs_mergekit.py --skip-mergekit --slice-bytes 16MiB   # our slice size, swept
 
 mergekit is a benchmark-only dependency: install it in its own venv so that it
 cannot change this environment (see ``--help`` for the default path).
