@@ -81,6 +81,8 @@ def unavailable(device_type: str) -> str | None:
             import triton  # noqa: F401  (only whether it imports)
         except ImportError:
             return "Triton is not installed (CUDA builds of torch ship it)"
+        if not any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")):
+            return "no C compiler (cc, gcc or clang) on PATH for Triton's kernel launcher"
         return None
     return f"no compiled kernel for device type {device_type!r}"
 
