@@ -143,12 +143,23 @@ class GPProposer:
             warnings.simplefilter("ignore")
             map_hyperparameters(model, seed=self.seed)
             if X.shape[-1] > 1:
-                # Beyond one dimension the global search is coarse: polish its optimum with L-BFGS.
+                # Beyond one dimension the global search is coarse: polish its optimum with L-BFGS, on the
+                # same fit_subset as map_hyperparameters (its cost then stops growing at FIT_POINTS points),
+                # in the whole model's standardised units, so the polished values apply to it unchanged.
                 from botorch.optim.fit import fit_gpytorch_mll_scipy
                 from gpytorch.mlls import ExactMarginalLogLikelihood
 
-                mll = ExactMarginalLogLikelihood(model.likelihood, model).train()
+                fit = model
+                if X.shape[0] > FIT_POINTS:
+                    keep = fit_subset(model.train_targets, FIT_POINTS)
+                    fit = SingleTaskGP(X[keep], model.train_targets[keep].unsqueeze(-1), outcome_transform=None)
+                    for part in ("covar_module", "likelihood", "mean_module"):
+                        getattr(fit, part).load_state_dict(getattr(model, part).state_dict())
+                mll = ExactMarginalLogLikelihood(fit.likelihood, fit).train()
                 fit_gpytorch_mll_scipy(mll)
+                if fit is not model:
+                    for part in ("covar_module", "likelihood", "mean_module"):
+                        getattr(model, part).load_state_dict(getattr(fit, part).state_dict())
         return model.eval()
 
     def _mean_sigma(self, model) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,3 +287,28 @@ def test_the_repeat_mask_is_updated_incrementally_and_equals_a_full_scan():
     other = pts[10:30]  # not an extension of what it saw: a full scan again
     assert torch.equal(g._taken(other, 0.05), near(g.candidates, other, 0.05))
     assert torch.equal(g._taken(other, 0.2), near(g.candidates, other, 0.2))  # another tolerance
+
+
+def test_beyond_fit_points_the_polish_runs_on_the_subset_and_the_model_keeps_every_point():
+    from botorch.models import SingleTaskGP
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    g = GPProposer(2, "ei", seed=0, sobol=256)
+    m0 = _model(80, 2)
+    X, y = m0.train_inputs[0], -m0.outcome_transform.untransform(m0.train_targets.unsqueeze(-1))[0].squeeze(-1)
+    model = g._fit(X, y)
+    assert model.train_inputs[0].shape[0] == 80  # conditioned on every point
+    keep = fit_subset(model.train_targets)
+    sub = SingleTaskGP(X[keep], model.train_targets[keep].unsqueeze(-1), outcome_transform=None)
+    for part in ("covar_module", "likelihood", "mean_module"):
+        getattr(sub, part).load_state_dict(getattr(model, part).state_dict())
+    coarse = SingleTaskGP(X[keep], model.train_targets[keep].unsqueeze(-1), outcome_transform=None)
+    coarse.train_targets = sub.train_targets
+    map_hyperparameters(coarse)
+
+    def mll(m):
+        m.train()
+        with torch.no_grad():
+            return float(ExactMarginalLogLikelihood(m.likelihood, m)(m(*m.train_inputs), m.train_targets))
+
+    assert mll(sub) >= mll(coarse) - 1e-9  # the polish improved on the global search, on the subset
