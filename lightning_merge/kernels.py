@@ -71,6 +71,8 @@ def unavailable(device_type: str) -> str | None:
     """Why the compiled kernel cannot run on this device type, or None when it can (as far as we can tell)."""
     if device_type in _broken:
         return _broken[device_type]
+    if torch._dynamo.config.disable:  # torch.compile would run the function eagerly: not the eager merge's bits
+        return "torch.compile is disabled (TORCHDYNAMO_DISABLE)"
     if device_type == "cpu":
         cxx = os.environ.get("CXX") or "g++"
         if shutil.which(cxx) is None and shutil.which("clang++") is None:
@@ -98,26 +100,34 @@ def wanted(total_elements: int, device_type: str) -> bool:
 
 
 def eligible(out: torch.Tensor, srcs: Sequence[torch.Tensor]) -> bool:
-    """Whether one tensor's merge can go through the kernel (fp64 and small tensors stay eager)."""
+    """Whether one tensor's merge can go through the kernel (fp64, small and cross-device merges stay eager)."""
     return (out.numel() >= MIN_NUMEL and out.dtype in KERNEL_DTYPES
-            and all(s.dtype in KERNEL_DTYPES for s in srcs))
+            and all(s.dtype in KERNEL_DTYPES and s.device == out.device for s in srcs))
 
 
-def _chain(w: torch.Tensor, out: torch.Tensor, *srcs: torch.Tensor) -> torch.Tensor:
-    from torch._inductor import inductor_prims
-
-    acc = srcs[0].float() * w[0]
-    for k in range(1, len(srcs)):
-        acc = inductor_prims.fma(srcs[k].float(), w[k], acc)
-    out.copy_(acc)
-    return out.float().sum()
+def _source(k: int) -> str:
+    """The kernel for ``k`` sources as Python source: the eager merge's arithmetic, written out term by term."""
+    args = ", ".join(f"s{i}" for i in range(k))
+    lines = [f"def merge_{k}(w, out, {args}):", "    acc = s0.float() * w[0]"]
+    lines += [f"    acc = fma(s{i}.float(), w[{i}], acc)" for i in range(1, k)]
+    lines += ["    out.copy_(acc)", "    return out.float().sum()"]
+    return "\n".join(lines) + "\n"
 
 
 def _kernel(k: int):
-    """The compiled chain for ``k`` sources (dynamo specialises it per dtype and device itself)."""
+    """The compiled kernel for ``k`` sources.
+
+    One function (one code object) per ``k``, so dynamo's recompile limit (8
+    per code object) is never shared between source counts; each specialises
+    per dtype combination, device and size class only.
+    """
     fn = _compiled.get(k)
     if fn is None:
-        fn = _compiled[k] = torch.compile(_chain, dynamic=True, fullgraph=True)
+        from torch._inductor import inductor_prims
+
+        scope = {"fma": inductor_prims.fma}
+        exec(compile(_source(k), f"<lightning_merge.kernels.merge_{k}>", "exec"), scope)  # noqa: S102
+        fn = _compiled[k] = torch.compile(scope[f"merge_{k}"], dynamic=True, fullgraph=True)
     return fn
 
 
@@ -132,7 +142,10 @@ def fused_merge(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: torch.Tensor
     if dev in _broken:
         return None
     try:
-        return _kernel(len(srcs))(w, out, *srcs)
+        # Past the recompile limit dynamo would run the function eagerly, where inductor's fma is not the
+        # eager merge's: fail instead, and merge eagerly below (the same bits).
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return _kernel(len(srcs))(w, out, *srcs)
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager merge gives the same result
         _broken[dev] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log.warning("the fused merge kernel could not be compiled on %s (%s); merging with eager PyTorch ops "

@@ -175,3 +175,26 @@ def test_the_driver_points_inductor_at_the_cache_dir(monkeypatch, tmp_path):
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     assert cache_dir() == str(tmp_path / "inductor")  # read when Inductor compiles, not at import
+
+
+def test_past_dynamos_recompile_limit_the_merge_is_eager_not_a_different_fma(monkeypatch, caplog):
+    """Dynamo would run the kernel's Python eagerly past its limit (inductor's eager fma rounds twice):
+    the kernel fails instead, and the eager merge gives the same bits."""
+    import torch._dynamo
+
+    monkeypatch.setattr(kernels, "_broken", {})
+    monkeypatch.setattr(kernels, "_compiled", {})
+    srcs32, srcs16 = _sources(2, torch.float32, seed=7), _sources(2, torch.bfloat16, seed=7)
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING", logger="lightning_merge.kernels"):
+        e32, f32 = _both(srcs32, [0.3, 0.7], torch.float32)  # the one compilation allowed
+        e16, f16 = _both(srcs16, [0.3, 0.7], torch.bfloat16)  # a second dtype: over the limit
+    assert torch.equal(_bits(e32), _bits(f32)) and torch.equal(_bits(e16), _bits(f16))
+    assert "cpu" in kernels._broken and any("could not be compiled" in r.getMessage() for r in caplog.records)
+
+
+def test_torch_compile_disabled_means_eager(monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    assert "TORCHDYNAMO_DISABLE" in kernels.unavailable("cpu")
+    assert not MergePlan([torch.empty(N)], [[torch.ones(N)]], kernel="compiled").compiled["cpu"]
