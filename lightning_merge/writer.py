@@ -6,9 +6,12 @@ The merge is element-wise, so merging a flat slice ``[a, b)`` of every source
 gives exactly those elements of the whole-tensor merge: the output is the same,
 bit for bit, whatever the slice size. Three stages overlap, one thread each: a
 reader fills the next slices of every source into reused buffers, this thread
-merges, a writer appends (file reads and writes, and torch's kernels, release
-the GIL). Peak memory is a few slices per source, not K copies of the largest
-tensor (``benchmarks/write_vs_mergekit.py``, ``benchmarks/write_scale.py``).
+merges, a writer appends them to the shard with ``O_DIRECT`` where the
+filesystem allows (file reads and writes, and torch's kernels, release the
+GIL; torch runs one intra-op thread meanwhile, so the stages do not
+oversubscribe the cores). Peak memory is a few slices per source, not K copies
+of the largest tensor (``benchmarks/write_vs_mergekit.py``,
+``benchmarks/write_scale.py``).
 Pure: nothing here knows about ranks, Lightning or Hydra.
 """
 
@@ -284,7 +287,9 @@ def write_merged(series: CheckpointSeries, weights: Sequence[float], out_dir: st
     at most ``slice_bytes`` per source, reading ahead while merging and writing,
     so peak memory is a few slices per source (plus, for formats without
     byte-range reads, one whole tensor per source), never a whole shard, let
-    alone K whole checkpoints; the bytes do not depend on ``slice_bytes``. Shards
+    alone K whole checkpoints; the bytes do not depend on ``slice_bytes``. While it
+    runs, torch's intra-op threads are capped (a quarter of the cores, at least
+    one) and restored after. Shards
     are size-capped safetensors files (``model.safetensors`` when one suffices,
     else ``model-0000i-of-0000N.safetensors`` plus the HF index). ``config.json``
     and the tokenizer files are copied from the newest source; ``merge.yaml``
