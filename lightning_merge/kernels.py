@@ -1,13 +1,15 @@
 """The fused merge kernel: one pass over memory per tensor, bitwise equal to the eager merge.
 
 The eager merge (``merge._merge_eager``) runs one PyTorch op per source and
-chunk: upcast, fused multiply-add into an fp32 accumulator, round, sum. On CPU
+chunk: upcast, fused multiply-add into an fp32 accumulator, round. On CPU
 each op is a separate pass, and PyTorch's mixed bf16/fp32 kernels are slow, so
-a bf16 merge of 4 sources moved bytes at 0.37-0.54 of a plain copy
+a bf16 merge of 4 sources moved bytes at 0.26-0.54 of a plain copy
 (``benchmarks/resident_merge.py``). Here the same arithmetic is one
-``torch.compile``d kernel: every element of every source is read once, the
-output is written once, and the sum that the finiteness check needs comes out
-of the same loop. The arithmetic is the eager merge's, op for op:
+``torch.compile``d loop: every element of every source is read once and the
+output is written once. (No reduction rides along: Inductor would schedule a
+sum of the output as a second loop that reads every source again; the
+finiteness check is :class:`merge.MergePlan`'s bound instead.) The arithmetic
+is the eager merge's, op for op:
 
     acc = float32(s_0) * w_0;  acc = fma(float32(s_k), w_k, acc) for k >= 1;  out = round(acc)
 
@@ -110,7 +112,7 @@ def _source(k: int) -> str:
     args = ", ".join(f"s{i}" for i in range(k))
     lines = [f"def merge_{k}(w, out, {args}):", "    acc = s0.float() * w[0]"]
     lines += [f"    acc = fma(s{i}.float(), w[{i}], acc)" for i in range(1, k)]
-    lines += ["    out.copy_(acc)", "    return out.float().sum()"]
+    lines += ["    out.copy_(acc)"]
     return "\n".join(lines) + "\n"
 
 
@@ -131,24 +133,25 @@ def _kernel(k: int):
     return fn
 
 
-def fused_merge(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor | None:
-    """``out <- sum_k w[k] * srcs[k]`` (1-D, contiguous) in one pass; the sum of ``out`` as an fp32 0-d tensor.
+def fused_merge(out: torch.Tensor, srcs: Sequence[torch.Tensor], w: torch.Tensor) -> bool:
+    """``out <- sum_k w[k] * srcs[k]`` (1-D, contiguous) in one pass; False when it could not run.
 
     ``w`` is an fp32 tensor on ``out``'s device holding the nonzero weights of
-    ``srcs``. Returns None, after logging why once, when the kernel cannot be
+    ``srcs``. Returns False, after logging why once, when the kernel cannot be
     compiled on this device: the caller then merges eagerly.
     """
     dev = out.device.type
     if dev in _broken:
-        return None
+        return False
     try:
         # Past the recompile limit dynamo would run the function eagerly, where inductor's fma is not the
         # eager merge's: fail instead, and merge eagerly below (the same bits).
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            return _kernel(len(srcs))(w, out, *srcs)
+            _kernel(len(srcs))(w, out, *srcs)
+        return True
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager merge gives the same result
         _broken[dev] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log.warning("the fused merge kernel could not be compiled on %s (%s); merging with eager PyTorch ops "
                     "instead (the same result, slower). Set merge.kernel=eager to skip the attempt", dev,
                     _broken[dev])
-        return None
+        return False

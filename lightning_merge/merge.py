@@ -90,8 +90,8 @@ def _check_nonfloat(srcs: Sequence[torch.Tensor], name: str) -> None:
 
 
 def _merge_eager(flat_out: torch.Tensor, terms: list[tuple[torch.Tensor, float]],
-                 scratch: torch.Tensor | None) -> torch.Tensor:
-    """``flat_out <- sum_k w_k * s_k`` with PyTorch ops, chunk by chunk; the chunk sums' total (a 0-d tensor).
+                 scratch: torch.Tensor | None, check: bool = True) -> torch.Tensor | None:
+    """``flat_out <- sum_k w_k * s_k`` with PyTorch ops, chunk by chunk; with ``check``, the chunk sums' total.
 
     The merge is memory-bound, so each chunk is finished while it is in cache:
     one read of each source and one write of the output. The arithmetic is
@@ -126,11 +126,15 @@ def _merge_eager(flat_out: torch.Tensor, terms: list[tuple[torch.Tensor, float]]
             acc.add_(s[a:b], alpha=wk)
         if not wide:
             o.copy_(acc)
+        if not check:
+            continue
         if o.dtype == torch.float16:
             mn, mx = torch.aminmax(o)
             sums.append(mn.float() + mx.float())
         else:
             sums.append(o.sum())
+    if not sums:
+        return None
     return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
 
@@ -153,9 +157,14 @@ class MergePlan:
     """A merge set up once and run per trial: ``params[i] <- sum_k w_k * sources[k][i]`` in place.
 
     The checks (counts, shapes, integer buffers equal under ``nonfloat="equal"``)
-    run once, here. :meth:`run` then merges with the given weights. A run has no
-    host synchronisation per tensor: each tensor's sum stays on its device and
-    the finiteness of all of them is read once, at the end. Tensors of at least
+    run once, here. :meth:`run` then merges with the given weights, with no
+    host synchronisation per tensor. Finiteness: with ``bound`` (a plan that is
+    run many times), the largest ``|value|`` of each source is read once, at the
+    first run; then ``sum_k |w_k| * max|source k|`` bounds every merged value, and
+    while it is below the output dtypes' largest finite value (with a margin for
+    fp32 rounding) no merged value can be inf or NaN, so nothing is checked at all.
+    Otherwise (or for a one-off merge) each tensor's sum stays on its device and
+    all of them are read back once, at the end. Tensors of at least
     ``kernels.MIN_NUMEL`` elements go through the fused compiled kernel when
     ``kernels.wanted`` says so (``kernel`` overrides the process's mode for this
     plan); the rest, and every tensor when it is not wanted, through the eager
@@ -168,7 +177,8 @@ class MergePlan:
     @torch.inference_mode(False)  # its buffers are written in place later, inside inference mode or not
     def __init__(self, params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                  sources: Sequence[Sequence[torch.Tensor] | Mapping[str, torch.Tensor]], *,
-                 nonfloat: str = "equal", kernel: str | None = None, pack_small: bool = False) -> None:
+                 nonfloat: str = "equal", kernel: str | None = None, pack_small: bool = False,
+                 bound: bool = False) -> None:
         if nonfloat not in NONFLOAT_POLICIES:
             raise MergeError(f"nonfloat policy {nonfloat!r}: use one of {NONFLOAT_POLICIES}")
         if kernel is not None and kernel not in kernels.MODES:
@@ -213,6 +223,18 @@ class MergePlan:
         packed = {i for p in self.packs for i in p.idx}
         self.floats = [i for i in floats if i not in packed]
         self._scratch: dict[torch.device, torch.Tensor] = {}
+        self.bound = bound
+        self._amax: list[float] | None = None  # max |value| of each source's float tensors (bound)
+        self._limit = min((torch.finfo(outs[i].dtype).max for i in floats), default=math.inf)
+
+    def _source_amax(self) -> list[float]:
+        """Max |value| over each source's float tensors (nan/inf if one holds nan/inf), read back once."""
+        idx = self.floats + [i for p in self.packs for i in p.idx]
+        per = []
+        for src in self.srcs:
+            m = [src[i].abs().amax().float() for i in idx if src[i].numel()]
+            per.append(torch.stack([x.cpu() for x in m]).amax() if m else torch.zeros(()))
+        return [float(x) for x in torch.stack(per).tolist()] if per else []
 
     def rebind(self, params: Sequence[torch.Tensor]) -> None:
         """Point the plan at new output tensors of the same shapes and dtypes, in the same order.
@@ -239,23 +261,31 @@ class MergePlan:
         """
         w = check_weights(weights, self.k, normalize)
         live = [k for k, wk in enumerate(w) if wk != 0.0]
+        check = True
+        if self.bound:
+            if self._amax is None:
+                self._amax = self._source_amax()
+            bound = sum(abs(w[k]) * self._amax[k] for k in live) * (1 + 1e-5 * max(len(live), 1))
+            check = not bound < self._limit  # nan (a source holds nan/inf) checks too
         wt: dict[torch.device, torch.Tensor] = {}
         checks: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # (sum, tensor, name)
         for i in self.floats:
             out = self.outs[i]
-            checks.append((self._merge(out.view(-1), [self.srcs[k][i].reshape(-1) for k in live], w, live, wt),
-                           out, self.names[i]))
+            total = self._merge(out.view(-1), [self.srcs[k][i].reshape(-1) for k in live], w, live, wt, check)
+            if total is not None:  # None: unchecked, or an empty tensor
+                checks.append((total, out, self.names[i]))
         for p in self.packs:
-            total = self._merge(p.out, [p.sources[k] for k in live], w, live, wt)
+            total = self._merge(p.out, [p.sources[k] for k in live], w, live, wt, check)
             torch._foreach_copy_([self.outs[i].view(-1) for i in p.idx], list(torch.split(p.out, p.sizes)))
-            checks.append((total, p.out, "small tensors " + ", ".join(self.names[i] for i in p.idx[:3]) +
-                           (", ..." if len(p.idx) > 3 else "")))
+            if total is not None:
+                checks.append((total, p.out, "small tensors " + ", ".join(self.names[i] for i in p.idx[:3]) +
+                               (", ..." if len(p.idx) > 3 else "")))
         for i in self.nonfloats:
             self.outs[i].copy_(self.srcs[-1 if self.nonfloat == "newest" else 0][i])
         self._check(checks, w)
 
     def _merge(self, flat_out: torch.Tensor, srcs: list[torch.Tensor], w: list[float], live: list[int],
-               wt: dict) -> torch.Tensor:
+               wt: dict, check: bool) -> torch.Tensor | None:
         dev = flat_out.device
         if not live:
             flat_out.zero_()
@@ -263,15 +293,19 @@ class MergePlan:
         if self.compiled.get(dev.type) and kernels.eligible(flat_out, srcs):
             if dev not in wt:
                 wt[dev] = torch.tensor([w[k] for k in live], dtype=torch.float32).to(dev, non_blocking=True)
-            total = kernels.fused_merge(flat_out, srcs, wt[dev])
-            if total is not None:
-                return total
+            if kernels.fused_merge(flat_out, srcs, wt[dev]):
+                if not check:
+                    return None
+                if flat_out.dtype == torch.float16:  # an fp16 sum overflows at 65504
+                    mn, mx = torch.aminmax(flat_out)
+                    return mn.float() + mx.float()
+                return flat_out.sum()
             self.compiled[dev.type] = False
         scratch = self._scratch.get(dev)
         if scratch is None and flat_out.dtype not in (torch.float32, torch.float64):
             with torch.inference_mode(False):  # reused by later runs, in inference mode or not
                 scratch = self._scratch[dev] = torch.empty(_CHUNK, dtype=torch.float32, device=dev)
-        return _merge_eager(flat_out, [(s, w[k]) for s, k in zip(srcs, live)], scratch)
+        return _merge_eager(flat_out, [(s, w[k]) for s, k in zip(srcs, live)], scratch, check)
 
     @staticmethod
     def _check(checks: list, w: list[float]) -> None:

@@ -407,7 +407,7 @@ class ShardMerger:
         kinds = [(t.dtype, t.device) for t in targets]
         if self._plan is None or kinds != self._plan_kinds:  # checks, buffers, packing: once (per dtype/device)
             self._plan = MergePlan(targets, [[src[i] for i in self._live] for src in self.sources],
-                                   nonfloat=self.nonfloat, pack_small=True)
+                                   nonfloat=self.nonfloat, pack_small=True, bound=True)
             self._plan_kinds = kinds
         else:
             self._plan.rebind(targets)

@@ -198,3 +198,39 @@ def test_torch_compile_disabled_means_eager(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
     assert "TORCHDYNAMO_DISABLE" in kernels.unavailable("cpu")
     assert not MergePlan([torch.empty(N)], [[torch.ones(N)]], kernel="compiled").compiled["cpu"]
+
+
+def test_a_bounded_plan_reads_nothing_back_per_run_and_still_catches_overflow(monkeypatch):
+    """bound=True: the sources' max |value| is read once; while sum |w_k| * max_k bounds the merge below the
+    dtype's largest value, a run reads nothing back; past it, each tensor is checked as before."""
+    g = torch.Generator().manual_seed(8)
+    shapes = [(N,), (300, 300), (64,), (64,)]
+    for kern in ("eager", "compiled"):
+        srcs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+        outs = [torch.empty(s) for s in shapes]
+        plan = MergePlan(outs, srcs, pack_small=True, bound=True, kernel=kern)
+        plan.run([0.2, 0.3, 0.5])  # the one read: the sources' max |value|
+        calls = []
+        real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append("item") or real_item(self))
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append("tolist") or real_tolist(self))
+        plan.run([0.1, 0.6, 0.3])
+        assert calls == []
+        monkeypatch.undo()
+        refs = [torch.empty_like(o) for o in outs]
+        merge_into(refs, srcs, [0.1, 0.6, 0.3], kernel="eager")
+        assert all(torch.equal(o, r) for o, r in zip(outs, refs))
+        with pytest.raises(MergeError, match="non-finite"):  # the bound is passed: checked, and it overflows
+            plan.run([1e38, 1e38, 1e38])
+        srcs[1][0][3] = float("inf")  # a source that holds inf: its bound is inf, so every run checks
+        plan = MergePlan(outs, srcs, bound=True, kernel=kern)
+        plan.run([0.5, 0.0, 0.5])  # weighted 0, it is never read: no error
+        with pytest.raises(MergeError, match="'#0'.*non-finite"):
+            plan.run([0.5, 0.25, 0.25])
+
+
+def test_empty_float_tensors_merge_to_empty():
+    outs = [torch.empty(0), torch.empty(0, 3, dtype=torch.bfloat16), torch.empty(2)]
+    srcs = [[torch.empty(0), torch.empty(0, 3, dtype=torch.bfloat16), torch.tensor([1.0, 2.0])] for _ in range(2)]
+    merge_into(outs, srcs, [0.5, 0.5])
+    assert outs[2].tolist() == [1.0, 2.0] and outs[0].numel() == 0 and outs[1].shape == (0, 3)
