@@ -91,9 +91,12 @@ def unavailable(device_type: str) -> str | None:
     return f"no compiled kernel for device type {device_type!r}"
 
 
-def wanted(total_elements: int, device_type: str) -> bool:
-    """Whether a merge of ``total_elements`` float elements on ``device_type`` should use the compiled kernel."""
-    m = mode()
+def wanted(total_elements: int, device_type: str, mode_: str | None = None) -> bool:
+    """Whether a merge of ``total_elements`` float elements on ``device_type`` should use the compiled kernel.
+
+    ``mode_`` overrides the process's :func:`mode` (``merge.MergePlan``'s ``kernel``).
+    """
+    m = mode_ or mode()
     if m == "eager":
         return False
     if m == "auto" and total_elements < AUTO_MIN_ELEMENTS:

@@ -208,10 +208,7 @@ class MergePlan:
                     _check_nonfloat([s[i] for s in srcs], names[i])
                 self.nonfloats.append(i)
         total = sum(outs[i].numel() for i in floats)
-        mode = kernel or kernels.mode()
-        self.compiled = {dev: mode != "eager" and (mode == "compiled" or total >= kernels.AUTO_MIN_ELEMENTS)
-                         and kernels.unavailable(dev) is None
-                         for dev in {outs[i].device.type for i in floats}}
+        self.compiled = {dev: kernels.wanted(total, dev, kernel) for dev in {outs[i].device.type for i in floats}}
         self.packs: list[_Pack] = []
         if pack_small:
             groups: dict[tuple, list[int]] = {}
