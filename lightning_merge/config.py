@@ -59,7 +59,8 @@ class DemoConf:
     num_checkpoints: int = 10
     lr: float = 3e-3
     warmup_frac: float = 0.05
-    lr_schedule: str = "constant"  # constant (stable phase of WSD) | cosine
+    lr_schedule: str = "constant"  # constant (stable phase of WSD) | cosine | wsd (constant, then a linear decay)
+    decay_frac: float = 0.2  # wsd: the share of the steps in the final linear decay to 0
     batch_size: int = 4
     seq_len: int = 256
     vocab_size: int = 1024
@@ -73,8 +74,10 @@ class DemoConf:
     save_pause_s: float = 0.0  # mode=watch's live demo: a pause mid-way through writing each weights file
 
     def __post_init__(self) -> None:
-        _require(self.lr_schedule in ("constant", "cosine"), "demo.lr_schedule",
-                 f"got {self.lr_schedule!r}; use 'constant' or 'cosine'")
+        _require(self.lr_schedule in ("constant", "cosine", "wsd"), "demo.lr_schedule",
+                 f"got {self.lr_schedule!r}; use 'constant', 'cosine' or 'wsd'")
+        _require(0.0 < self.decay_frac < 1.0 - self.warmup_frac, "demo.decay_frac",
+                 f"must be in (0, 1 - demo.warmup_frac), got {self.decay_frac}")
         _require(self.steps > 0, "demo.steps", f"must be positive, got {self.steps}")
         _require(2 <= self.num_checkpoints <= self.steps, "demo.num_checkpoints",
                  f"must be in [2, demo.steps], got {self.num_checkpoints}")

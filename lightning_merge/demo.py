@@ -85,6 +85,8 @@ def cache_key(conf: DemoConf) -> str:
     fields = dataclasses.asdict(conf)
     fields.pop("enabled", None)
     fields.pop("save_pause_s", None)  # how the live demo writes, not what it trains
+    if conf.lr_schedule != "wsd":
+        fields.pop("decay_frac", None)  # only WSD reads it (and older caches were keyed without it)
     blob = json.dumps({"conf": fields, "python": sys.version, "format": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -204,14 +206,20 @@ def lr_factor(conf: DemoConf, step: int) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-based).
 
     Linear warm-up over ``warmup_frac`` of the steps, then either constant
-    (what checkpoint merging is for: the stable phase of WSD) or a cosine
-    decay that reaches ~0 at the last step (merging then has little to gain).
+    (what checkpoint merging is for: the stable phase of WSD), a cosine
+    decay that reaches ~0 at the last step (merging then has little to gain),
+    or warmup-stable-decay: constant, then a linear decay over the last
+    ``decay_frac`` of the steps to ~0 at the last step. A WSD run is the
+    constant run, bit for bit, until its decay starts (same init, data, LR).
     """
     warmup = round(conf.warmup_frac * conf.steps)
     if step < warmup:
         return (step + 1) / warmup
     if conf.lr_schedule == "constant":
         return 1.0
+    if conf.lr_schedule == "wsd":
+        decay = max(1, round(conf.decay_frac * conf.steps))
+        return min(1.0, (conf.steps - step) / decay)
     progress = (step - warmup + 1) / max(1, conf.steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sysconfig
@@ -113,6 +114,13 @@ def test_schedule_and_save_steps():
     assert demo.lr_factor(conf, 99) == pytest.approx(0.0, abs=1e-9)
     const = DemoConf(steps=100, warmup_frac=0.1)
     assert [demo.lr_factor(const, s) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
+    # WSD: the constant run until the last 25 steps, then a linear decay (step 99 trains at 1/25 of the LR)
+    wsd = DemoConf(steps=100, warmup_frac=0.1, lr_schedule="wsd", decay_frac=0.25)
+    assert [demo.lr_factor(wsd, s) for s in range(75)] == [demo.lr_factor(const, s) for s in range(75)]
+    assert [demo.lr_factor(wsd, s) for s in (75, 80, 99)] == pytest.approx([1.0, 0.8, 0.04])
+    # decay_frac keys only a WSD trajectory: the constant and cosine caches of older versions stay valid
+    assert demo.cache_key(DemoConf(**TINY, decay_frac=0.3)) == demo.cache_key(DemoConf(**TINY))
+    assert demo.cache_key(wsd) != demo.cache_key(dataclasses.replace(wsd, decay_frac=0.3))
 
 
 def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
