@@ -42,7 +42,7 @@ FULL = dict(
 QUICK = dict(
     trajectories=["tiny", "tiny_wsd_q", "tiny_cosine_q"],
     search_blocks={"tiny": 64, "tiny_wsd_q": 16, "tiny_cosine_q": 16}, report_blocks=64,
-    pilot_lams={"tiny": [0.5, 0.75]}, curve_points={"tiny": 6}, curve_pairs=1,
+    pilot_lams={"tiny": [0.5, 0.75]}, curve_points={"tiny": 5}, curve_pairs=1,
     eff_seeds=1, eff_trials=4, eff_dense={"tiny": 5},
     alphas=[0.0, 0.5], alpha_seeds=1, alpha_trials=3,
     sizes=[4, 16], size_seeds=1, size_trials=3, size_grid={"tiny": 3},
