@@ -34,7 +34,7 @@ def _save(fig, path: Path) -> Path:
 def pilot_heatmaps(pilots: dict[str, dict], path: Path) -> Path:
     """Experiment 1: the best merge's gain (%) over the better parent, for every pair (older i, newer j)."""
     n = len(pilots)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.8, 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n + 0.8, 4.4), squeeze=False, gridspec_kw={"wspace": 0.4})
     vmax = max(abs(g) for r in pilots.values() for row in r["gain_pct"] for g in row if g is not None)
     vmax = max(vmax, 1e-6)
     im = None
@@ -48,8 +48,9 @@ def pilot_heatmaps(pilots: dict[str, dict], path: Path) -> Path:
         ax.set_yticks(ticks, [str(s) for s in r["steps"]])
         ax.set_xlabel("older checkpoint (step)")
         ax.set_ylabel("newer checkpoint (step)")
-        ax.set_title(f"{LABELS.get(name, name)}\nbest of lam in {{{', '.join(f'{x:g}' for x in r['lams'])}}}"
-                     if len(r["lams"]) <= 4 else f"{LABELS.get(name, name)}\nbest of {len(r['lams'])} lam values")
+        lams = r["lams"]
+        shown = ", ".join(f"{x:g}" for x in lams) if len(lams) <= 4 else f"{lams[0]:g}, {lams[1]:g}, ..., {lams[-1]:g}"
+        ax.set_title(f"{LABELS.get(name, name)}\nbest of lam in {{{shown}}}")
         ax.grid(False)
         if k <= 10:
             for j in range(k):
@@ -139,7 +140,7 @@ def alpha_and_size(alphas: dict[str, list], sizes: dict[str, dict], path: Path) 
     a2.set_xticks(ticks, [str(t) for t in ticks])
     a2.minorticks_off()
     a2.set_xlabel("held-out blocks the search saw (256 tokens each)")
-    a2.set_ylabel("pick's loss above the best (%), full set")
+    a2.set_ylabel("pick's loss above the best known (%)")
     a2.set_title("Held-out size")
     a2.axhline(0, color="black", lw=0.8)
     a2.legend()
@@ -165,8 +166,8 @@ def schedules(scored: dict[str, list[dict]], path: Path) -> Path:
     fig.suptitle("Search against free schedules: gain over the newest checkpoint\n(evals: search-set evaluations "
                  "spent choosing the weights)")
     height = fig.get_figheight()  # inches: a two-line title, then the legend, then the panels
-    fig.subplots_adjust(left=0.08, right=0.99, top=1 - 1.25 / height, bottom=0.65 / height, hspace=0.6)
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 1 - 0.6 / height),
+    fig.subplots_adjust(left=0.08, right=0.99, top=1 - 1.35 / height, bottom=0.65 / height, hspace=0.6)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 1 - 0.75 / height),
                fontsize=8, frameon=False)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
