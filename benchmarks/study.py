@@ -146,11 +146,12 @@ def experiments(st: Study) -> None:
         p["simplex_trials"], conf.batch_size * conf.seq_len,
         st.plan["search_blocks"][wsd_name] * 256))
 
-    run = st.run("tiny")
-    k = len(run.checkpoints)
     grid = [k2 / (p["acc_grid"] - 1) for k2 in range(p["acc_grid"])]
-    st.result("9_objective_tiny", lambda: searching.accuracy_objective(
-        st.obj("tiny", accuracy=True), (k - 2, k - 1), grid, list(range(p["acc_seeds"])), p["acc_trials"]))
+    for t in [t for t in ("tiny", "large") if t in p["trajectories"]]:  # the last adjacent (stable) pair
+        k = len(st.run(t).checkpoints)
+        st.result(f"9_objective_{t}", lambda: searching.accuracy_objective(
+            st.obj("large_wsd" if t == "large" else t, accuracy=True), (k - 2, k - 1), grid,
+            list(range(p["acc_seeds"])), p["acc_trials"]))
 
 
 def main() -> None:

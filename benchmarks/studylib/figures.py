@@ -202,22 +202,28 @@ def annealing(ann: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def objective(acc: dict, path: Path) -> Path:
+def objective(accs: dict[str, dict], path: Path) -> Path:
     """Experiment 9: held-out loss and cloze accuracy along ``lam``, with the accuracy's standard error."""
-    fig, a1 = plt.subplots(figsize=(7.5, 3.8))
-    g = acc["grid"]
-    a1.plot(g, acc["loss"], marker="o", ms=3, color="tab:blue", label="held-out loss (search set)")
-    a1.set_xlabel("lam (weight on the newer checkpoint)")
-    a1.set_ylabel("held-out loss", color="tab:blue")
-    a2 = a1.twinx()
-    a2.grid(False)
-    ys, se = [100 * a for a in acc["acc"]], [100 * s for s in acc["stderr"]]
-    a2.plot(g, ys, marker="s", ms=3, color="tab:red", label=f"cloze accuracy ({acc['items']} items)")
-    a2.fill_between(g, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)], color="tab:red",
-                    alpha=0.15, label="accuracy +- 1 standard error")
-    a2.set_ylabel("cloze accuracy (%)", color="tab:red")
-    h1, l1 = a1.get_legend_handles_labels()
-    h2, l2 = a2.get_legend_handles_labels()
-    a1.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center")
-    a1.set_title("Objective: the lam that held-out loss picks against the one accuracy picks")
+    n = len(accs)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.8 * n, 7.5), 4.0), squeeze=False)
+    for a1, (name, acc) in zip(axes[0], accs.items()):
+        g = acc["grid"]
+        a1.plot(g, acc["loss"], marker="o", ms=3, color="tab:blue", label="held-out loss (search set)")
+        a1.set_xlabel("lam (weight on the newer checkpoint)")
+        a1.set_ylabel("held-out loss", color="tab:blue")
+        a2 = a1.twinx()
+        a2.grid(False)
+        ys, se = [100 * a for a in acc["acc"]], [100 * s for s in acc["stderr"]]
+        a2.plot(g, ys, marker="s", ms=3, color="tab:red", label=f"cloze accuracy ({acc['items']} items)")
+        a2.fill_between(g, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)], color="tab:red",
+                        alpha=0.15, label="accuracy +- 1 standard error")
+        a2.axhline(25, color="tab:red", ls=":", lw=1, label="chance (4 choices)")
+        a2.set_ylabel("cloze accuracy (%)", color="tab:red")
+        h1, l1 = a1.get_legend_handles_labels()
+        h2, l2 = a2.get_legend_handles_labels()
+        a1.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center")
+        a1.set_title(LABELS.get(name, name))
+        lo, hi = min(acc["loss"]), max(acc["loss"])
+        a1.set_ylim(lo - 0.05 * (hi - lo), hi + 0.9 * (hi - lo))  # room for the legend above the curves
+    fig.suptitle("Objective: the lam that held-out loss picks against the one accuracy picks")
     return _save(fig, path)
