@@ -39,6 +39,11 @@ def _verdict(ok: int, of: int) -> str:
     return "reproduced" if of and ok == of else ("partly" if ok else "not reproduced")
 
 
+def _set_owner(base: str) -> str:
+    """Who a search-set size belongs to: both demo seeds share ``tiny``'s, both larger runs ``large_*``'s."""
+    return "the demo" if base == "tiny" else "the larger model" if base.startswith("large") else NAMES.get(base, base)
+
+
 def _trajectories(cache_dir: str, names: list[str]) -> list[str]:
     from .trajectories import open_run
 
@@ -255,13 +260,15 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
     pays = []
     for t, a, b, d in beats:
         cands = {**sched, **{f"{k}+early": v for k, v in distant.items()}}[t]
-        own = next(c for c in cands if c["name"] == a)["gain_pct"]["report"]
+        pick = next(c for c in cands if c["name"] == a)
+        own = pick["gain_pct"]["report"]
         verdict = "the search buys nothing over it" if d <= 0.05 else "the search pays"
         if abs(own) <= 0.01 and d > 0.05:
             verdict = (f"merging buys nothing here (the search's pick is within {abs(own):.3f}% of the newest "
                        "checkpoint): the search pays only by not merging, where every free average loses")
-        pays.append(f"- {NAMES.get(t, t)}: the search's pick ({a}) has a held-out loss {abs(d):.3f}% "
-                    f"{'lower' if d > 0 else 'higher'} than the best free schedule ({b}): {verdict}.")
+        pays.append(f"- {NAMES.get(t, t)}: the search's pick ({a}, {pick['evals']} evaluations) has a held-out loss "
+                    f"{abs(d):.3f}% {'lower' if d > 0 else 'higher'} than the best free schedule ({b}, none): "
+                    f"{verdict}.")
     for t, rs in cur.items():
         for r in rs:
             half = [v for lam, v in zip(r["lams"], r["losses"]) if abs(lam - 0.5) < 1e-9]
@@ -375,7 +382,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
     head += _trajectories(cache_dir, names)
     head += ["", f"Study wall time (evaluations and searches, trajectories excluded): {sum(secs.values()) / 60:.1f} "
              f"min; search sets (blocks of 256 tokens): "
-             + ", ".join(f"{NAMES.get(k, k)} {v}" for k, v in plan["search_blocks"].items())
+             + ", ".join(dict.fromkeys(f"{_set_owner(k)} {v}" for k, v in plan["search_blocks"].items()))
              + f"; the report set and each out-of-domain set: {plan['report_blocks']} blocks.", ""]
     md = out / "study.md"
     tmp = md.with_suffix(".tmp")
