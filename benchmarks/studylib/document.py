@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import figures
 from .searching import best_known, summarize_to
-from .trajectories import CONFS, checkpoint_steps, decay_start, params_of  # noqa: F401
+from .trajectories import decay_start, params_of
 
 CMD = "python benchmarks/study.py"
 NAMES = figures.LABELS
@@ -218,7 +218,9 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
     sched = {t: R[f"8_schedules_{t}"] for t in stable if f"8_schedules_{t}" in R}
     ann = R.get("7_annealing")
     if ann:
-        sched[f"{'large' if 'large' in stable else 'tiny'}_cosine_last"] = ann["cosine"]
+        size = "large" if "large" in stable else "tiny"
+        sched[f"{size}_wsd_decay"] = ann["wsd_decay"]
+        sched[f"{size}_cosine_last"] = ann["cosine"]
     distant = {t: R[f"8_distant_{t}"] for t in stable if f"8_distant_{t}" in R}
     figures.schedules({**sched, **{f"{t}+early": v for t, v in distant.items()}},
                       img / "6_8_schedules.png")

@@ -18,6 +18,7 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10
 LABELS = {"tiny": "demo (seed 0)", "tiny_s1": "demo (seed 1)", "large": "larger, constant LR",
           "large_wsd": "larger, WSD", "large_cosine": "larger, cosine", "tiny_wsd_q": "demo-size WSD (quick)",
           "tiny_cosine_q": "demo-size cosine (quick)", "large_cosine_last": "larger, cosine (last 3)",
+          "large_wsd_decay": "larger, WSD decay (last 3)", "tiny_wsd_decay": "demo-size WSD decay (last 3)",
           "tiny_cosine_last": "demo-size cosine (last 3)", "tiny+early": "demo (seed 0), one earlier checkpoint",
           "tiny_s1+early": "demo (seed 1), one earlier checkpoint", "large+early": "larger, one earlier checkpoint"}
 
