@@ -4,6 +4,7 @@
     python benchmarks/study.py --quick        # the demo only, small grids: a smoke test of this code (minutes)
     python benchmarks/study.py --build large_wsd   # only build (train) one trajectory, e.g. beside another
     python benchmarks/study.py --document-only     # rewrite the document and plots from the saved results
+    python benchmarks/study.py --redo '1_pilot_*'  # recompute some experiments (their rows), reuse the rest
 
 It drives the tool itself: the trajectories are trained by the demo's trainer (``lightning_merge/demo.py``),
 every loss comes from the tool's Evaluator through ``driver._session`` (``studylib/objective.py``), every
@@ -163,6 +164,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.environ.get("LIGHTNING_MERGE_CACHE", "~/.cache/lightning_merge"))
     ap.add_argument("--build", default=None, help="only build this trajectory (tiny, tiny_s1, large_wsd, ...)")
     ap.add_argument("--document-only", action="store_true", help="only rewrite the document from saved results")
+    ap.add_argument("--redo", default=None, metavar="GLOB",
+                    help="recompute the experiments whose saved results match GLOB (e.g. '1_pilot_*'), reuse the "
+                         "rest; evaluations stay memoized (they are deterministic)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("studylib").setLevel(logging.INFO)
@@ -181,6 +185,10 @@ def main() -> None:
     study_dir = Path(args.study_dir) if args.study_dir else cache / ("study-quick" if args.quick else "study")
     out = Path(args.out) if args.out else (Path("outputs/study-quick") if args.quick else HERE.parent / "docs")
     st = Study(plan, args.cache_dir, study_dir, args.quick)
+    if args.redo:
+        for old in sorted((study_dir / "results").glob(f"{args.redo}.json")):
+            say(f"--redo: {old.stem} will be recomputed")
+            old.unlink()
     if not args.document_only:
         for name in plan["trajectories"]:
             st.run(name)  # train what is missing first, so the experiments' timings are evaluation only

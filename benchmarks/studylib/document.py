@@ -79,7 +79,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
                    "; ".join(f"{NAMES[t]}: adjacent late {p['adjacent_late_mean']:+.2f}%, adjacent early "
                              f"{p['adjacent_early_mean']:+.2f}%, most distant {p['by_distance'][str(len(p['steps']) - 1)]['mean']:+.2f}%"
                              for t, p in pil.items()),
-                   _verdict(ok, len(pil)), f"`{CMD}` (1_pilot_*)"])
+                   _verdict(ok, len(pil)), f"`{CMD} --redo '1_pilot_*'`"])
     body += ["## 1. Pilot: which checkpoints to merge", "",
              "For every pair of saved checkpoints (older i, newer j), the best merge `lam*c_j + (1-lam)*c_i` over a "
              "grid of `lam`, as a gain over the better of the two parents on the search set. Rule: reproduced when "
@@ -106,7 +106,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
                    f"best lam > 0.5 in {newer_heavy} of {len(late)} late adjacent pairs (best lam "
                    f"{min(r['best_lam'] for r in late):.3f}-{max(r['best_lam'] for r in late):.3f}); one local minimum "
                    f"in {smooth} of {len(late)}",
-                   _verdict(newer_heavy + smooth, 2 * len(late)), f"`{CMD}` (2_curve_*)"])
+                   _verdict(newer_heavy + smooth, 2 * len(late)), f"`{CMD} --redo '2_curve_*'`"])
     body += ["## 2. The lam curve", "",
              "Dense grids of `lam` in [0, 1] for the late adjacent pairs, on the search set.", "",
              "![lam curve](study/2_lam_curve.png)", ""]
@@ -160,7 +160,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
                              f"grid {summ[t]['0.001']['grid']['median']} / {summ[t]['0.0001']['grid']['median']}"
                              for t in effs),
                    _verdict(ok, sum(len(summ[t]) for t in effs)) + f" (holds at {ok} of "
-                   f"{sum(len(summ[t]) for t in effs)} trajectory-tolerance pairs)", f"`{CMD}` (3_efficiency_*)"])
+                   f"{sum(len(summ[t]) for t in effs)} trajectory-tolerance pairs)", f"`{CMD} --redo '3_efficiency_*'`"])
 
     # 4 and 5
     alphas = {t: R[f"4_alpha_{t}"] for t in ("tiny", "large") if f"4_alpha_{t}" in R}
@@ -191,7 +191,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
                              for t, g in gains.items()),
                    _verdict(ok, len(gains)) + " (rule: every alpha below the dense grid's best lam gains the same, "
                    "within 0.01 points)",
-                   f"`{CMD}` (4_alpha_*)"])
+                   f"`{CMD} --redo '4_alpha_*'`"])
     body += ["", "## 5. Held-out size", "",
              "The same search run on N evenly spaced held-out blocks (256 tokens each); its pick scored on all "
              f"{plan['report_blocks']} report blocks, against the best `lam` known on those blocks: the best of a "
@@ -211,7 +211,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
     claims.append(["A small held-out set picks nearly the best lam (paper)",
                    "; ".join(f"{NAMES[t]}: the pick on 16 blocks is {_f(v, 4, True)} above the best known on the full set"
                              for t, v in small.items()),
-                   _verdict(ok, len(small)) + " (rule: within 0.1% at 16 blocks)", f"`{CMD}` (5_heldout_*)"])
+                   _verdict(ok, len(small)) + " (rule: within 0.1% at 16 blocks)", f"`{CMD} --redo '5_heldout_*'`"])
     body += [""]
 
     # 6 and 8
@@ -257,12 +257,12 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
     claims.append(["Gains found on held-out text carry over to out-of-domain text (paper)",
                    f"{carry} of {carry_of} search picks that gain on the held-out set also gain on every "
                    "out-of-domain set" + (f" (the exceptions: {'; '.join(misses)})" if misses else ""),
-                   _verdict(carry, carry_of), f"`{CMD}` (8_schedules_*)"])
+                   _verdict(carry, carry_of), f"`{CMD} --redo '[78]_*'`"])
     wins = [(t, d) for t, _, _, d in beats if d > 0.05]
     claims.append(["The search's pick beats the best free schedule (uniform, LAWA, EMA, WMA) by more than 0.05%",
                    "; ".join(f"{NAMES.get(t, t)}: {d:+.3f}%" for t, _, _, d in beats)
                    + " (positive: the search's pick has the lower held-out loss)",
-                   _verdict(len(wins), len(beats)) + f" ({len(wins)} of {len(beats)})", f"`{CMD}` (8_*)"])
+                   _verdict(len(wins), len(beats)) + f" ({len(wins)} of {len(beats)})", f"`{CMD} --redo '[78]_*'`"])
     # Where the search pays: said plainly, from the numbers above
     pays = []
     for t, a, b, d in beats:
@@ -319,14 +319,14 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
         claims.append(["Merging gains most in the stable phase and little after the LR has decayed (paper; PMA)",
                        ", ".join(f"{k.replace('_', ' ')} {v:+.3f}%" for k, v in g.items()),
                        _verdict(int(g["stable"] > g["wsd_decay"]) + int(g["stable"] > g["cosine"]), 2),
-                       f"`{CMD}` (7_annealing)"])
+                       f"`{CMD} --redo '7_annealing'`"])
         claims.append(["PMA: a merge of stable-phase checkpoints approaches the annealed model",
                        f"recovers {100 * frac:.0f}% of the decay's loss drop at "
                        f"{100 * pma['search_cost_tokens'] / pma['decay_cost_tokens']:.1f}% of its compute"
                        if frac is not None else "the decay did not lower the loss",
                        ("reproduced" if frac >= 0.8 else "partly" if frac >= 0.3 else "not reproduced")
                        + " (rule: >= 80% reproduced, >= 30% partly)" if frac is not None else "not reproduced",
-                       f"`{CMD}` (7_annealing)"])
+                       f"`{CMD} --redo '7_annealing'`"])
 
     # 9
     accs = {t: R[f"9_objective_{t}"] for t in ("tiny", "large") if f"9_objective_{t}" in R}
@@ -369,7 +369,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
                                  f"chance 25%) with a standard error of {se:.1f}" for t, acc, spread, se, top in seen),
                        "not reproduced: too noisy to tell at this scale" if len(noisy) == len(seen)
                        else _verdict(len(same), len(seen)),
-                       f"`{CMD}` (9_objective_*)"])
+                       f"`{CMD} --redo '9_objective_*'`"])
 
     head = ["# The paper's claims, reproduced at small scale", "",
             "Liu et al., *Checkpoint Merging via Bayesian Optimization in LLM Pretraining* (arXiv 2403.19390), and "
