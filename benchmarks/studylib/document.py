@@ -388,7 +388,8 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
                                                                  if t.startswith(("large_", "tiny_wsd", "tiny_cos"))]]
     head += _trajectories(cache_dir, names)
     head += ["", f"Study wall time (evaluations and searches, trajectories excluded): {sum(secs.values()) / 60:.1f} "
-             f"min; search sets (blocks of 256 tokens): "
+             "min, each experiment's last computation summed (a `--redo` reuses memoized evaluations, so it can "
+             "take less than a cold run); search sets (blocks of 256 tokens): "
              + ", ".join(dict.fromkeys(f"{_set_owner(k)} {v}" for k, v in plan["search_blocks"].items()))
              + f"; the report set and each out-of-domain set: {plan['report_blocks']} blocks.", ""]
     md = out / "study.md"
