@@ -1,8 +1,9 @@
 """The paper's claims, reproduced at small scale: one command, one document (``docs/study.md``).
 
-    python benchmarks/study.py                # the full study (builds the large trajectories first: ~40 min)
+    python benchmarks/study.py                # the full study: ~50 min of experiments on 2 cores, after
+                                              # training what is not cached (~27 min per larger run)
     python benchmarks/study.py --quick        # the demo only, small grids: a smoke test of this code (minutes)
-    python benchmarks/study.py --build large_wsd   # only build (train) one trajectory, e.g. beside another
+    python benchmarks/study.py --build large_wsd   # only build (train) one trajectory: run two side by side
     python benchmarks/study.py --document-only     # rewrite the document and plots from the saved results
     python benchmarks/study.py --redo '1_pilot_*'  # recompute some experiments (their rows), reuse the rest
 
