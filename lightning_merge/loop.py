@@ -67,6 +67,25 @@ def _fault_point(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _test_barrier(point: str) -> None:
+    """Test hook: ``LIGHTNING_MERGE_BARRIER=point:DIR:n`` holds this process at ``point`` until ``n`` processes have
+    reached it (each leaves a file in ``DIR``; at most 300 s), so that a test can start two runs' writes to one
+    folder at one moment instead of hoping their start-up times overlap (tests/test_ledger_integrity.py).
+    Unset, it costs one dict lookup."""
+    spec = os.environ.get("LIGHTNING_MERGE_BARRIER")
+    if not spec:
+        return
+    where, _, rest = spec.partition(":")
+    folder, _, n = rest.rpartition(":")
+    if where != point:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / str(os.getpid())).touch()
+    deadline = time.monotonic() + 300
+    while len(list(Path(folder).iterdir())) < int(n) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _key(weights) -> tuple:
     return tuple(round(float(w), 12) for w in weights)
 
@@ -221,6 +240,7 @@ class SearchLoop:
         set, out-of-domain, the lm-eval objective) are kept in ``candidates.jsonl`` so
         a resumed run does not repeat them.
         """
+        _test_barrier("baselines")
         k = len(names)
         conf = self.cfg.baselines
         specs = [(n, "checkpoint", [1.0 if j == i else 0.0 for j in range(k)]) for i, n in enumerate(names)]

@@ -161,14 +161,20 @@ def test_two_cli_runs_on_one_output_dir_and_the_second_is_refused_by_the_lock(ti
 @pytest.mark.slow
 def test_two_cli_runs_without_the_lock_and_the_resume_is_refused(tiny_run, tmp_path):
     """With the lock turned off (a filesystem without locks), two real processes on one output_dir both run;
-    the ledger check refuses the third run's resume."""
+    the ledger check refuses the third run's resume.
+
+    Both pass their resume check, then wait for each other before their first write (the loop's test barrier):
+    a run of 4 trials on 4 tiny blocks takes about a second, so two processes merely started together may not
+    overlap at all (one finished before the other began, on a loaded CI machine; the second then just resumed it)."""
     out = tmp_path / "run"
-    env = _cli_env(LIGHTNING_MERGE_NO_LOCK="1")
+    env = _cli_env(LIGHTNING_MERGE_NO_LOCK="1", LIGHTNING_MERGE_BARRIER=f"baselines:{tmp_path / 'barrier'}:2")
     procs = [subprocess.Popen(_cli(tiny_run, out, f"seed={s}", f"search.seed={s}"), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for s in (0, 1)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]  # without the lock nothing stops the second writer
+    assert len(list((tmp_path / "barrier").iterdir())) == 2  # both reached the loop and waited for each other
+    env.pop("LIGHTNING_MERGE_BARRIER")
     again = subprocess.run(_cli(tiny_run, out), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2, again.stderr[-2000:]
     assert "trials.jsonl: trial" in again.stderr and "has two different records" in again.stderr
