@@ -94,9 +94,14 @@ class Study:
         t0 = time.monotonic()
         value = compute()
         value = {"result": value, "seconds": time.monotonic() - t0}
+        before = path.with_suffix(".redo")  # a --redo keeps the cold run's time: this one reused memoized evaluations
+        if before.is_file():
+            old = json.loads(before.read_text())
+            value["cold_seconds"] = old.get("cold_seconds", old["seconds"])
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(value, indent=1))
         os.replace(tmp, path)
+        before.unlink(missing_ok=True)
         say(f"{exp}: done in {value['seconds']:.0f} s")
         return value
 
@@ -163,7 +168,9 @@ def main() -> None:
                     "outputs/study-quick/ with --quick)")
     ap.add_argument("--study-dir", default=None, help="evaluations and results (default: <cache>/study[-quick])")
     ap.add_argument("--cache-dir", default=os.environ.get("LIGHTNING_MERGE_CACHE", "~/.cache/lightning_merge"))
-    ap.add_argument("--build", default=None, help="only build this trajectory (tiny, tiny_s1, large_wsd, ...)")
+    from studylib.trajectories import CONFS
+
+    ap.add_argument("--build", default=None, choices=sorted(CONFS), help="only build (train) this trajectory")
     ap.add_argument("--document-only", action="store_true", help="only rewrite the document from saved results")
     ap.add_argument("--redo", default=None, metavar="GLOB",
                     help="recompute the experiments whose saved results match GLOB (e.g. '1_pilot_*'), reuse the "
@@ -187,9 +194,13 @@ def main() -> None:
     out = Path(args.out) if args.out else (Path("outputs/study-quick") if args.quick else HERE.parent / "docs")
     st = Study(plan, args.cache_dir, study_dir, args.quick)
     if args.redo:
-        for old in sorted((study_dir / "results").glob(f"{args.redo}.json")):
-            say(f"--redo: {old.stem} will be recomputed")
-            old.unlink()
+        old = sorted((study_dir / "results").glob(f"{args.redo}.json"))
+        if not old:
+            known = ", ".join(p.stem for p in sorted((study_dir / "results").glob("*.json"))) or "none yet"
+            ap.error(f"--redo {args.redo!r} matches no saved result in {study_dir / 'results'} (saved: {known})")
+        for path in old:
+            say(f"--redo: {path.stem} will be recomputed")
+            path.replace(path.with_suffix(".redo"))
     if not args.document_only:
         for name in plan["trajectories"]:
             st.run(name)  # train what is missing first, so the experiments' timings are evaluation only

@@ -63,7 +63,7 @@ def _trajectories(cache_dir: str, names: list[str]) -> list[str]:
 def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_dir: str) -> Path:
     """Write ``out/study.md`` and its plots (``out/study/*.png``) from the results; return the document's path."""
     R = {k: v["result"] for k, v in _load(results_dir).items()}
-    secs = {k: v["seconds"] for k, v in _load(results_dir).items()}
+    secs = {k: v.get("cold_seconds", v["seconds"]) for k, v in _load(results_dir).items()}
     img = out / "study"
     img.mkdir(parents=True, exist_ok=True)
     stable = [t for t in ("tiny", "tiny_s1", "large") if f"1_pilot_{t}" in R]
@@ -395,8 +395,7 @@ def write_document(results_dir: Path, out: Path, plan: dict, quick: bool, cache_
                                                                  if t.startswith(("large_", "tiny_wsd", "tiny_cos"))]]
     head += _trajectories(cache_dir, names)
     head += ["", f"Study wall time (evaluations and searches, trajectories excluded): {sum(secs.values()) / 60:.1f} "
-             "min, each experiment's last computation summed (a `--redo` reuses memoized evaluations, so it can "
-             "take less than a cold run); search sets (blocks of 256 tokens): "
+             "min, each experiment's first (cold) computation summed; search sets (blocks of 256 tokens): "
              + ", ".join(dict.fromkeys(f"{_set_owner(k)} {v}" for k, v in plan["search_blocks"].items()))
              + f"; the report set and each out-of-domain set: {plan['report_blocks']} blocks.", ""]
     md = out / "study.md"

@@ -23,10 +23,13 @@ LABELS = {"tiny": "demo (seed 0)", "tiny_s1": "demo (seed 1)", "large": "larger,
           "tiny_s1+early": "demo (seed 1), one earlier checkpoint", "large+early": "larger, one earlier checkpoint"}
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, layout: str = "tight") -> Path:
+    """Write ``path`` whole (temp, then rename). ``layout``: ``tight`` (tight_layout), ``bbox`` (a tight bounding
+    box at save: room for a colorbar beside several panels) or ``fixed`` (the figure's own subplots_adjust)."""
+    if layout == "tight":
+        fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight" if layout == "bbox" else None)
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -61,10 +64,7 @@ def pilot_heatmaps(pilots: dict[str, dict], path: Path) -> Path:
                             color="white" if abs(g) > 0.6 * vmax else "black")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85, label="gain over the better parent (%)")
     fig.suptitle("Which pairs gain from merging (blue: the merge beats both parents)")
-    fig.savefig(path.with_name(path.stem + ".tmp.png"), bbox_inches="tight")
-    plt.close(fig)
-    path.with_name(path.stem + ".tmp.png").replace(path)
-    return path
+    return _save(fig, path, layout="bbox")
 
 
 def lam_curves(curves: dict[str, list[dict]], path: Path) -> Path:
@@ -170,11 +170,7 @@ def schedules(scored: dict[str, list[dict]], path: Path) -> Path:
     fig.subplots_adjust(left=0.08, right=0.99, top=1 - 1.35 / height, bottom=0.65 / height, hspace=0.6)
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 1 - 0.75 / height),
                fontsize=8, frameon=False)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path, layout="fixed")
 
 
 def annealing(ann: dict, path: Path) -> Path:

@@ -9,32 +9,31 @@ none; greedy soup scores each checkpoint and each soup it tries).
 from __future__ import annotations
 
 from lightning_merge.baselines import greedy_soup, schedules
-from search_efficiency import run_search  # noqa: E402
-
 from .objective import Objective, View
 from .pilot import gain_pct
+from .searching import best_of
+
+
+def _bo(view: View, sp, trials: int, seed: int, **kw):
+    """The paper's search (GP-Hedge) over the space ``sp``: its best trial's weights and the trials it ran."""
+    from lightning_merge.config import SearchConf
+
+    conf = SearchConf(name="paper", acquisition="gp_hedge", trials=trials, seed=seed, **kw)
+    run, best = best_of(view, sp, conf, trials)
+    return [float(w) for w in sp.weights(best)], len(run.losses)
 
 
 def _simplex_bo(view: View, k: int, trials: int, seed: int):
-    from lightning_merge.config import SearchConf
     from lightning_merge.spaces import SimplexSpace
 
-    space = SimplexSpace(k=k, parameterization="constrained")
-    run = run_search(view, SearchConf(name="paper", space="simplex", acquisition="gp_hedge", trials=trials,
-                                      seed=seed), space, trials)
-    best = min(range(len(run.losses)), key=lambda i: run.losses[i])
-    return [float(w) for w in space.weights(space.from_unit(run.points[best]))], len(run.losses)
+    return _bo(view, SimplexSpace(k=k, parameterization="constrained"), trials, seed, space="simplex")
 
 
 def _pairwise_bo(view: View, k: int, trials: int, seed: int, alpha: float = 0.3):
-    from lightning_merge.config import SearchConf
     from lightning_merge.spaces import PairwiseSpace
 
-    space = PairwiseSpace(alpha=alpha, k=k, pair=(k - 2, k - 1))
-    run = run_search(view, SearchConf(name="paper", space="pairwise", alpha=alpha, acquisition="gp_hedge",
-                                      trials=trials, seed=seed), space, trials)
-    best = min(range(len(run.losses)), key=lambda i: run.losses[i])
-    return [float(w) for w in space.weights(space.from_unit(run.points[best]))], len(run.losses)
+    return _bo(view, PairwiseSpace(alpha=alpha, k=k, pair=(k - 2, k - 1)), trials, seed, space="pairwise",
+               alpha=alpha)
 
 
 def candidates(obj: Objective, indices: list[int], pair_trials: int, simplex_trials: int, seed: int = 0,

@@ -17,16 +17,22 @@ OPTIMIZERS = [(f"paper ({a})", {"name": "paper", "acquisition": a}) for a in ("e
 OPTIMIZERS += [("ax", {"name": "ax"}), ("random", {"name": "random"}), ("grid", {"name": "grid"})]
 
 
+def best_of(view, space, conf, trials: int):
+    """Run one search (``conf`` over ``space``) on ``view``; return the run and its best trial's parameters."""
+    run = run_search(view, conf, space, trials)
+    best = min(range(len(run.losses)), key=lambda k: run.losses[k])
+    return run, space.from_unit(run.points[best])
+
+
 def _search(view: View, alpha: float, trials: int, seed: int, **kw):
+    """A pairwise search of the two checkpoints ``view`` holds: the run, every trial's ``lam``, the best ``lam``."""
     from lightning_merge.config import SearchConf
     from lightning_merge.spaces import PairwiseSpace
 
     space = PairwiseSpace(alpha=alpha, k=2, pair=(0, 1))
-    conf = SearchConf(space="pairwise", alpha=alpha, trials=trials, seed=seed, **kw)
-    run = run_search(view, conf, space, trials)
-    lams = [space.from_unit(p)["lam"] for p in run.points]
-    best = min(range(len(run.losses)), key=lambda k: run.losses[k])
-    return run, lams, lams[best]
+    run, best = best_of(view, space, SearchConf(space="pairwise", alpha=alpha, trials=trials, seed=seed, **kw),
+                        trials)
+    return run, [space.from_unit(p)["lam"] for p in run.points], best["lam"]
 
 
 def efficiency(obj: Objective, pair: tuple[int, int], seeds: list[int], trials: int, dense: int,

@@ -87,7 +87,15 @@ def open_run(name: str, cache_dir: str | Path, progress: bool = False) -> Run:
 
 
 def params_of(run: Run) -> int:
-    """The model's parameter count, from its config (embeddings and head untied)."""
-    c = run.conf
-    per_layer = 4 * c.hidden_size ** 2 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-    return c.num_layers * per_layer + 2 * c.vocab_size * c.hidden_size + c.hidden_size
+    """The model's parameter count, read from the newest checkpoint's safetensors header (no formula to drift)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(run.checkpoints[-1].glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= d
+                total += n
+    return total
